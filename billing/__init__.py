@@ -1,0 +1,1 @@
+"""Ledger, rating, real-time credit control, CDRs and the balance display."""

@@ -1,0 +1,1 @@
+"""REFER-based click-to-dial user agent (RFC 3515)."""

@@ -1,0 +1,1 @@
+"""Offline message store (RFC 3428 MESSAGE store-and-forward)."""

@@ -1,0 +1,1 @@
+"""Presence status and SUBSCRIBE/NOTIFY (RFC 3856)."""
