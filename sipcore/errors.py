@@ -9,6 +9,8 @@ and drop a bad response (RFC 3261 §18.1.2).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = ["SipParseError"]
 
 
@@ -19,17 +21,26 @@ class SipParseError(Exception):
     §21.4.11), 414 (Request-URI Too Long), 416 (Unsupported URI Scheme, §21.4.14),
     420 (Bad Extension, §21.4.15), 483 (Too Many Hops, §21.4.22), 505 (Version Not Supported,
     §21.5.6), 513 (Message Too Large, §21.5.7).
+
+    ``headers`` are extra header fields the reply must carry, e.g. ``Unsupported`` with a 420
+    (RFC 3261 §8.2.2.3) -- empty for plain syntax errors.
     """
 
-    __slots__ = ("reason", "status")
+    __slots__ = ("headers", "reason", "status")
 
     status: int
     reason: str
+    headers: tuple[tuple[str, str], ...]
 
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(status, reason)
+    def __init__(self, status: int, reason: str, headers: Sequence[tuple[str, str]] = ()) -> None:
         self.status = status
         self.reason = reason
+        self.headers = tuple(headers)
+        # args mirror the constructor so that pickling (e.g. across a process pool) keeps all.
+        if self.headers:
+            super().__init__(status, reason, self.headers)
+        else:
+            super().__init__(status, reason)
 
     def __str__(self) -> str:
         return f"{self.status} {self.reason}"
