@@ -13,7 +13,7 @@ What this module covers, and where each rule comes from:
   A client uses the topmost challenge it supports (RFC 8760 §2.4) and ignores the ones it does
   not understand, so an MD5-only phone answers the MD5 challenge and a SHA-256 phone the
   SHA-256 one.  The server checks the answer against the stored HA1 of the algorithm the client
-  chose; it stores HA1 values only, never a password (RFC 7616 §5.2 on storing passwords).
+  chose; it stores HA1 values only, never a password (RFC 7616 §5, storing passwords).
 * **Headers are not combined.**  RFC 3261 §7.3.1 exempts WWW-Authenticate, Authorization,
   Proxy-Authenticate and Proxy-Authorization from comma-joining: every header line is one
   challenge or one set of credentials, and every function here takes one line's value.  A
