@@ -1,0 +1,187 @@
+"""The fixed request pipeline modules plug into (ARCHITECTURE.md principle 4).
+
+Like Kamailio's default routing script, every request that starts a server transaction walks
+the same stages in the same order::
+
+    REQINIT -> IN_DIALOG -> AUTH -> REGISTRAR -> SERVICES -> AUTHORIZE -> LOCATION -> RELAY
+
+``REQINIT``   sanity: Max-Forwards (483), Proxy-Require (420), loops (482), own-domain checks.
+``IN_DIALOG`` requests with a To tag: loose routing by Route headers (§16.4, §16.12).
+``AUTH``      digest authentication of local users (401 for REGISTER, 407 otherwise).
+``REGISTRAR`` REGISTER for our domains (§10).
+``SERVICES``  module services that answer or divert before routing (presence SUBSCRIBE, ...).
+``AUTHORIZE`` policy on the authenticated caller (credit control, locked accounts, ...).
+``LOCATION``  turn the Request-URI into targets: location service, gateways (§16.5).
+``RELAY``     the stateful proxy forwards to the targets (§16.6-16.7); offline/unknown answered.
+
+A handler is ``handler(ctx) -> bool | Awaitable[bool]``: True means the request was dealt with
+(answered, stored, relayed) and the walk stops; False passes it on. Handlers registered for a
+stage run in registration order, optionally filtered by method. Modules add handlers through
+:meth:`Pipeline.add`; the core never learns their names.
+
+Events (:class:`EventBus`) carry what happened elsewhere: ``ContactRegistered``,
+``DialogConfirmed``, ``CallEnded``... Listeners are plain callables or coroutine functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sipcore.message import Request
+from sipcore.transport_types import Peer
+
+if TYPE_CHECKING:
+    from sipcore import transaction as txn
+
+log = logging.getLogger("sipcore.pipeline")
+
+__all__ = ["EventBus", "Pipeline", "RequestContext", "Stage", "Target"]
+
+
+class Stage(enum.IntEnum):
+    REQINIT = 0
+    IN_DIALOG = 1
+    AUTH = 2
+    REGISTRAR = 3
+    SERVICES = 4
+    AUTHORIZE = 5
+    LOCATION = 6
+    RELAY = 7
+
+
+@dataclass(slots=True)
+class Target:
+    """Where the proxy should send one branch (§16.5): a URI and the hop to reach it."""
+
+    uri: str                   # the Request-URI of the branch
+    dest: Peer                 # the next hop (registered source address, gateway, route)
+    q: float = 1.0
+    path: tuple[str, ...] = ()  # RFC 3327 Path of the binding: pushed as Route headers
+    kind: str = "contact"       # contact | gateway | route
+    gateway: str = ""           # gateway name, for failover and accounting
+
+
+Replier = Callable[["RequestContext", int, str | None, Sequence[tuple[str, str]], bytes,
+                    str | None], None]
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One request's walk through the pipeline; modules keep their state in ``attrs``."""
+
+    request: Request
+    source: Peer
+    tx: txn.TxKey
+    replier: Replier
+    now: float = 0.0
+    user: str | None = None          # authenticated username (local subscriber)
+    user_domain: str | None = None
+    targets: list[Target] = field(default_factory=list)
+    serial_targets: list[list[Target]] = field(default_factory=list)  # failover groups
+    response_headers: list[tuple[str, str]] = field(default_factory=list)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    replied: bool = False
+    final_status: int = 0
+
+    def reply(self, status: int, reason: str | None = None,
+              headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
+              to_tag: str | None = None) -> bool:
+        """Answer the request; returns True so a handler can ``return ctx.reply(...)``."""
+        if status >= 200:
+            if self.replied:
+                return True
+            self.replied = True
+            self.final_status = status
+        self.replier(self, status, reason, headers, body, to_tag)
+        return True
+
+
+Handler = Callable[[RequestContext], "bool | Awaitable[bool]"]
+
+
+@dataclass(slots=True)
+class _Entry:
+    handler: Handler
+    methods: frozenset[str] | None
+    name: str
+
+
+class Pipeline:
+    def __init__(self) -> None:
+        self._stages: list[list[_Entry]] = [[] for _ in Stage]
+        self.errors = 0
+
+    def add(self, stage: Stage, handler: Handler, *, methods: Collection[str] | None = None,
+            name: str = "", first: bool = False) -> None:
+        entry = _Entry(handler, frozenset(m.upper() for m in methods) if methods else None,
+                       name or getattr(handler, "__qualname__", repr(handler)))
+        if first:
+            self._stages[stage].insert(0, entry)
+        else:
+            self._stages[stage].append(entry)
+
+    def handlers(self, stage: Stage) -> list[str]:
+        return [e.name for e in self._stages[stage]]
+
+    async def run(self, ctx: RequestContext) -> None:
+        """Walk the stages; a handler error answers 500 instead of hanging the transaction."""
+        method = ctx.request.method
+        try:
+            for entries in self._stages:
+                for entry in entries:
+                    if entry.methods is not None and method not in entry.methods:
+                        continue
+                    result = entry.handler(ctx)
+                    if not isinstance(result, bool):
+                        result = await result
+                    if result or ctx.replied:
+                        return
+            if not ctx.replied:
+                ctx.reply(500, "No Route Handler")
+        except Exception:
+            self.errors += 1
+            log.exception("event=pipeline_error method=%s call_id=%s", method,
+                          ctx.request.call_id)
+            if not ctx.replied and method != "ACK":
+                ctx.reply(500, "Server Internal Error")
+
+
+E = TypeVar("E")
+
+
+class EventBus:
+    """Synchronous fan-out of events to listeners; coroutine listeners run as tasks."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[type[Any], list[Callable[[Any], Any]]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def subscribe(self, event_type: type[E], listener: Callable[[E], Any]) -> None:
+        self._listeners.setdefault(event_type, []).append(listener)
+
+    def emit(self, event: object) -> None:
+        for listener in self._listeners.get(type(event), ()):
+            try:
+                result = listener(event)
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._task_done)
+            except Exception:
+                log.exception("event=listener_error event_type=%s", type(event).__name__)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event=listener_error exc=%r", task.exception())
+
+    async def drain(self) -> None:
+        """Wait for running listener tasks (shutdown, tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
