@@ -18,11 +18,19 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
+if TYPE_CHECKING:
+    from asyncpg import Record
+    from asyncpg.pool import PoolConnectionProxy
+
 log = logging.getLogger("sipbill.db")
+
+if TYPE_CHECKING:
+    #: A plain connection or one borrowed from a pool; both run queries the same way.
+    Conn = asyncpg.Connection[Record] | PoolConnectionProxy[Record]
 
 # Order matters: later packages may reference earlier packages' tables.
 MIGRATION_PACKAGES: tuple[str, ...] = ("sipcore", "billing", "msilo", "presence", "clicktodial")
@@ -41,10 +49,10 @@ class EmbeddedPostgres:
     def start(self) -> str:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs complains about XDG_RUNTIME_DIR
-            import pgserver
+            from pgserver import get_server  # type: ignore[attr-defined]
 
         self.pgdata.mkdir(parents=True, exist_ok=True)
-        self._server = pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
         uri: str = self._server.get_uri()
         log.info("event=embedded_postgres_started pgdata=%s", self.pgdata)
         return uri
@@ -89,7 +97,9 @@ def discover_migrations(packages: tuple[str, ...] = MIGRATION_PACKAGES) -> list[
     return found
 
 
-async def migrate(conn: asyncpg.Connection, packages: tuple[str, ...] = MIGRATION_PACKAGES) -> list[str]:
+async def migrate(
+    conn: Conn, packages: tuple[str, ...] = MIGRATION_PACKAGES
+) -> list[str]:
     """Apply pending migrations; returns the names applied. Safe to call from several nodes."""
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_KEY)
