@@ -14,6 +14,7 @@ import getpass
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import asyncpg
 
@@ -151,7 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sipbill", description=__doc__.split("\n")[0])
     parser.add_argument("--config", "-c", default=DEFAULT_CONFIG,
                         help=f"TOML config file (default {DEFAULT_CONFIG})")
+    # --config is accepted before or after the sub-command (`sipbill serve --config X`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, help="TOML config file")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    original_add = sub.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("parents", [common])
+        return original_add(name, **kwargs)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
 
     p = sub.add_parser("serve", help="run the SIP server in the foreground")
     p.set_defaults(func=_cmd_serve)
@@ -163,13 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("subscriber", help="manage subscribers (SIP users)")
     ssub = p.add_subparsers(dest="action", required=True)
     for action, help_text in (("add", "add a subscriber"), ("passwd", "change a password")):
-        a = ssub.add_parser(action, help=help_text)
+        a = ssub.add_parser(action, help=help_text, parents=[common])
         a.add_argument("user", help="USER or USER@DOMAIN (default domain: first server.domains)")
         a.add_argument("--password", help="the password (else prompted, or --password-stdin)")
         a.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    a = ssub.add_parser("del", help="delete a subscriber")
+    a = ssub.add_parser("del", help="delete a subscriber", parents=[common])
     a.add_argument("user")
-    a = ssub.add_parser("list", help="list subscribers")
+    a = ssub.add_parser("list", help="list subscribers", parents=[common])
     a.add_argument("--domain")
     a.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_subscriber)

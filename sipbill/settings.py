@@ -7,6 +7,7 @@ Secrets (the database URL, the nonce secret) may come from the environment inste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -128,6 +129,42 @@ class SipSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """An outbound gateway for numbers (longest prefix wins, failover in file order)."""
+
+    name: str
+    host: str  # an IP address: no DNS lookups on the call path
+    port: int = 5060
+    transport: TransportName = "udp"
+    prefixes: tuple[str, ...] = ("",)
+    strip: int = 0
+    prepend: str = ""
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems = []
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            problems.append(("host", f"must be an IP address, got {self.host!r}"))
+        if not 0 < self.port < 65536:
+            problems.append(("port", f"must be 1-65535, got {self.port}"))
+        for i, prefix in enumerate(self.prefixes):
+            if prefix and not prefix.isdigit():
+                problems.append((f"prefixes[{i}]", f"must be digits, got {prefix!r}"))
+        if self.strip < 0:
+            problems.append(("strip", "must not be negative"))
+        return problems
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySection:
+    record_route: bool = True
+    # Dialled numbers starting with this (or "+") are international: "0049..." -> "49...".
+    international_prefix: str = "00"
+    gateways: tuple[GatewaySettings, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class DatabaseSettings:
     url: str = secret_field()  # empty: start the embedded PostgreSQL under data_dir/pg
     pool_min: int = 2
@@ -184,6 +221,7 @@ class SeedSettings:
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     sip: SipSettings = field(default_factory=SipSettings)
+    proxy: ProxySection = field(default_factory=ProxySection)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
@@ -267,9 +305,7 @@ def auth_secret(settings: Settings) -> bytes:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as fh:
         fh.write(secret)
-    try:
+    with contextlib.suppress(FileExistsError):
         os.link(tmp, path)  # atomic: a racing worker's secret wins once, both read the same
-    except FileExistsError:
-        pass
     tmp.unlink(missing_ok=True)
     return path.read_bytes()

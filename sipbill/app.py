@@ -1,0 +1,190 @@
+"""``sipbill serve``: wire the database, the SIP stack, the modules, HTTP and the control socket.
+
+The composition root (ARCHITECTURE.md): it connects pieces, it does not implement them.
+Start-up order: database (embedded PostgreSQL when no URL), migrations, demo seed, SIP core
+(transaction layer, stack, pipeline, proxy core, registrar), modules, listeners, HTTP, control
+socket. Shutdown runs the same list backwards on SIGINT/SIGTERM: listeners close first so no
+new transaction starts, in-flight transactions get a short grace period to finish, then the
+pool closes and the embedded PostgreSQL stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from sipbill.db import EmbeddedPostgres, create_pool, migrate
+from sipbill.settings import Settings
+from sipcore.pipeline import EventBus, Pipeline
+from sipcore.proxy import LocalIdentity, ProxyCore, ProxySettings
+from sipcore.stack import SipStack
+from sipcore.subscribers import SubscriberStore
+from sipcore.transaction import TimerSettings, TransactionLayer
+from sipcore.transport import TransportLimits, Transports
+
+log = logging.getLogger("sipbill.app")
+
+ShutdownHook = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class AppContext:
+    """What modules get handed at set-up: the shared pieces, no globals."""
+
+    settings: Settings
+    pool: asyncpg.Pool
+    stack: SipStack
+    pipeline: Pipeline
+    events: EventBus
+    proxy: ProxyCore
+    identity: LocalIdentity
+    subscribers: SubscriberStore
+    http: web.Application
+    started_at: float = field(default_factory=time.time)
+    shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
+    services: dict[str, Any] = field(default_factory=dict)
+
+
+class Application:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.embedded: EmbeddedPostgres | None = None
+        self.pool: asyncpg.Pool | None = None
+        self.ctx: AppContext | None = None
+        self.http_runner: web.AppRunner | None = None
+        self.listening: list[str] = []
+
+    async def start(self) -> None:
+        s = self.settings
+        s.data_path.mkdir(parents=True, exist_ok=True)
+        dsn = s.database.url
+        if not dsn:
+            self.embedded = EmbeddedPostgres(s.data_path / "pg")
+            dsn = await asyncio.to_thread(self.embedded.start)
+        self.pool = await create_pool(dsn, min_size=s.database.pool_min,
+                                      max_size=s.database.pool_max,
+                                      command_timeout=s.database.command_timeout)
+        async with self.pool.acquire() as conn:
+            await migrate(conn)
+        subscribers = SubscriberStore(self.pool)
+        for seed in s.seed.subscribers:
+            domain = seed.domain or s.server.domains[0]
+            if await subscribers.ensure(seed.username, domain, seed.password):
+                log.info("event=subscriber_seeded user=%s@%s", seed.username, domain)
+        await subscribers.listen()
+
+        t = s.sip.timers
+        layer = TransactionLayer(
+            TimerSettings(T1=t.t1, T2=t.t2, T4=t.t4),
+            max_server_transactions=s.sip.limits.max_server_transactions,
+        )
+        lim = s.sip.limits
+        limits = TransportLimits(max_message_size=lim.max_message_size,
+                                 max_tcp_connections=lim.max_tcp_connections,
+                                 max_tcp_buffer=lim.max_tcp_buffer,
+                                 tcp_idle_timeout=lim.tcp_idle_timeout)
+        stack = SipStack(lambda st: Transports(st, limits), layer,
+                         server_header=s.server.user_agent)
+        reuse = s.server.workers > 1
+        bound: list[tuple[str, str, int]] = []
+        for listen in s.server.listen:
+            transport = listen.transport.upper()
+            if transport == "UDP":
+                host, port = await stack.transports.listen_udp(listen.host, listen.port,
+                                                               reuse_port=reuse)
+            else:
+                host, port = await stack.transports.listen_tcp(listen.host, listen.port,
+                                                               reuse_port=reuse)
+            bound.append((transport, host, port))
+            self.listening.append(f"{transport.lower()}:{host}:{port}")
+        identity = LocalIdentity(s.server.domains, bound, s.server.advertised_host)
+        pipeline = Pipeline()
+        events = EventBus()
+        proxy = ProxyCore(stack, pipeline, events, identity,
+                          ProxySettings(timer_c=t.timer_c))
+        http = web.Application()
+        self.ctx = AppContext(s, self.pool, stack, pipeline, events, proxy, identity,
+                              subscribers, http)
+        http.router.add_get("/health", self._health)
+        if s.http.enabled:
+            self.http_runner = web.AppRunner(http, access_log=None)
+            await self.http_runner.setup()
+            host, port = s.http.host_port
+            site = web.TCPSite(self.http_runner, host, port, reuse_port=reuse or None)
+            await site.start()
+            self.listening.append(f"http:{host}:{port}")
+        for where in self.listening:
+            log.info("event=listening address=%s", where)
+        print("sipbill listening on " + ", ".join(self.listening), flush=True)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        ctx = self.ctx
+        db_ok = False
+        if ctx is not None:
+            try:
+                async with ctx.pool.acquire(timeout=2) as conn:
+                    db_ok = await conn.fetchval("SELECT 1") == 1
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                db_ok = False
+        body = {"status": "ok" if db_ok else "degraded", "database": db_ok,
+                "listeners": self.listening}
+        return web.json_response(body, status=200 if db_ok else 503)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        ctx = self.ctx
+        if ctx is not None:
+            # Give in-flight transactions a moment to answer before the sockets go.
+            deadline = time.monotonic() + grace
+            while ctx.proxy.contexts and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            for hook in reversed(ctx.shutdown_hooks):
+                try:
+                    await hook()
+                except Exception:
+                    log.exception("event=shutdown_hook_failed")
+            await ctx.proxy.close()
+            await ctx.stack.close()
+            await ctx.events.drain()
+            await ctx.subscribers.close()
+        if self.http_runner is not None:
+            await self.http_runner.cleanup()
+        if self.pool is not None:
+            await self.pool.close()
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+        log.info("event=stopped")
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    app = Application(settings)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await app.start()
+    except Exception:
+        log.exception("event=start_failed")
+        await app.stop(grace=0)
+        return 1
+    log.info("event=started")
+    await stop.wait()
+    log.info("event=stopping")
+    await app.stop()
+    return 0
+
+
+def serve(settings: Settings) -> int:
+    import uvloop
+
+    return uvloop.run(run(settings))

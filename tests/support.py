@@ -1,0 +1,227 @@
+"""Helpers for end-to-end tests: a real ``sipbill serve`` process and real SIPp runs.
+
+The server runs as a subprocess started exactly as an operator would (``sipbill serve
+--config FILE``) against the test module's database, listening on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = REPO / "sipp-scenarios"
+SIPBILL = str(Path(sys.executable).parent / "sipbill")
+
+
+def free_port(kind: int = socket.SOCK_DGRAM) -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind(("127.0.0.1", 0))
+            port = int(u.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Just enough TOML writing for test configs (tables, arrays of tables, scalars, lists)."""
+    lines: list[str] = []
+    tables: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        is_table_list = isinstance(value, list) and all(isinstance(x, dict) for x in value)
+        is_table_list = is_table_list and bool(value)
+        if isinstance(value, dict) or is_table_list:
+            tables.append((key, value))
+        else:
+            lines.append(f"{key} = {_toml_value(value)}")
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for key, value in tables:
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out += f"\n[{name}]\n" + to_toml(value, name)
+        else:
+            for item in value:
+                out += f"\n[[{name}]]\n" + to_toml(item, name)
+    return out
+
+
+@dataclass
+class ServerProcess:
+    """A running ``sipbill serve``; ``port`` is its SIP port (UDP and TCP)."""
+
+    dsn: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    port: int = 0
+    http_port: int = 0
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sipbill-e2e-")))
+    proc: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "sipbill.toml"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.workdir / "sipbill.ctl"
+
+    def config(self) -> dict[str, Any]:
+        base: dict[str, Any] = {
+            "server": {
+                "domains": ["localhost", "127.0.0.1"],
+                "data_dir": str(self.workdir),
+                "log_level": "info",
+                "listen": [
+                    {"transport": "udp", "host": "127.0.0.1", "port": self.port},
+                    {"transport": "tcp", "host": "127.0.0.1", "port": self.port},
+                ],
+            },
+            "database": {"url": self.dsn, "pool_min": 1, "pool_max": 4},
+            "http": {"listen": f"127.0.0.1:{self.http_port}"},
+            "control": {"socket": str(self.control_socket)},
+            "seed": {"subscribers": [
+                {"username": u, "password": f"demo{u}"} for u in ("1001", "1002", "1003")
+            ]},
+        }
+        for section, values in self.extra.items():
+            if isinstance(values, dict) and isinstance(base.get(section), dict):
+                base[section] = {**base[section], **values}
+            else:
+                base[section] = values
+        return base
+
+    def start(self, timeout: float = 30.0) -> ServerProcess:
+        if not self.port:
+            self.port = free_port()
+        if not self.http_port:
+            self.http_port = free_port()
+        self.config_path.write_text(to_toml(self.config()))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.output = []
+        self.proc = subprocess.Popen(
+            [SIPBILL, "serve", "--config", str(self.config_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        buf = ""
+        while time.monotonic() < deadline:
+            chunk = self.proc.stdout.read()
+            if chunk:
+                buf += chunk
+                if "sipbill listening on" in buf:
+                    self.output.append(buf)
+                    return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.output.append(buf)
+        self.stop()
+        raise RuntimeError(f"server did not start:\n{buf}")
+
+    def logs(self) -> str:
+        if self.proc is not None and self.proc.stdout is not None:
+            try:
+                chunk = self.proc.stdout.read()
+            except (ValueError, OSError):
+                chunk = None
+            if chunk:
+                self.output.append(chunk)
+        return "".join(self.output)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logs()
+        rc = self.proc.returncode
+        self.proc = None
+        return rc
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@dataclass
+class SippResult:
+    returncode: int
+    successful: int
+    failed: int
+    output: str
+
+
+def _read_stat(path: Path) -> tuple[int, int]:
+    """(successful, failed) cumulative call counts from SIPp's -trace_stat CSV."""
+    try:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    except OSError:
+        return 0, 0
+    if len(lines) < 2:
+        return 0, 0
+    header = lines[0].split(";")
+    last = lines[-1].split(";")
+    row = dict(zip(header, last, strict=False))
+    return int(row.get("SuccessfulCall(C)", 0) or 0), int(row.get("FailedCall(C)", 0) or 0)
+
+
+def run_sipp(scenario: str, server_port: int, *args: str, local_port: int | None = None,
+             calls: int = 1, rate: float = 10, timeout: float = 60,
+             transport: str = "u1") -> SippResult:
+    """Run SIPp with a scenario from sipp-scenarios/ against 127.0.0.1:server_port.
+
+    Exit status 0 means every call succeeded; the counts come from SIPp's statistics file.
+    """
+    sipp = shutil.which("sipp")
+    if sipp is None:
+        raise RuntimeError("sipp not installed (Debian package sip-tester; .ci/run installs it)")
+    scen = scenario if os.path.isabs(scenario) else str(SCENARIOS / scenario)
+    statdir = Path(tempfile.mkdtemp(prefix="sipp-"))
+    stat = statdir / "stat.csv"
+    cmd = [sipp, f"127.0.0.1:{server_port}", "-sf", scen, "-i", "127.0.0.1",
+           "-m", str(calls), "-r", str(rate), "-timeout", f"{int(timeout)}s",
+           "-timeout_error", "-nostdin", "-trace_stat", "-stf", str(stat), "-fd", "1",
+           "-t", transport, "-trace_err", "-error_file", str(statdir / "errors.log")]
+    if local_port is not None:
+        cmd += ["-p", str(local_port)]
+    cmd += list(args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30,
+                          stdin=subprocess.DEVNULL, cwd=statdir)
+    ok, failed = _read_stat(stat)
+    errors = (statdir / "errors.log").read_text() if (statdir / "errors.log").exists() else ""
+    shutil.rmtree(statdir, ignore_errors=True)
+    return SippResult(proc.returncode, ok, failed, proc.stdout + proc.stderr + errors)
