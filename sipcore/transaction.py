@@ -288,6 +288,10 @@ class ClientTxKey(NamedTuple):
     method: str
 
 
+# The per-message paths build keys with tuple.__new__: a NamedTuple's generated __new__ is a
+# Python-level call that costs more than the dict lookup the key is for.
+_new_key = tuple.__new__
+
 ServerKey = ServerTxKey | LegacyServerTxKey
 TxKey = ServerTxKey | LegacyServerTxKey | ClientTxKey
 
@@ -810,16 +814,16 @@ class TransactionLayer:
             host, port = via.sent_by
             host = host.lower()
             if method == "ACK":
-                self._receive_ack(self._txs.get(ServerTxKey(branch, host, port, "INVITE")),
-                                  request, source, now)
+                matched = self._txs.get(_new_key(ServerTxKey, (branch, host, port, "INVITE")))
+                self._receive_ack(matched, request, source, now)
                 return
-            key: ServerKey = ServerTxKey(branch, host, port, method)
+            key: ServerKey = _new_key(ServerTxKey, (branch, host, port, method))
             tx = self._txs.get(key)
             if tx is not None:
                 assert isinstance(tx, _ServerTx)
                 tx.on_retransmission(self)
                 return
-            invite_key = ServerTxKey(branch, host, port, "INVITE")
+            invite_key = _new_key(ServerTxKey, (branch, host, port, "INVITE"))
         else:
             if method == "ACK":
                 self._receive_legacy_ack(request, source, now)
@@ -866,7 +870,7 @@ class TransactionLayer:
     def receive_response(self, response: Response, source: Peer, now: float) -> None:
         """Match a parsed response to a client transaction (§17.1.3)."""
         branch = response.top_via.branch
-        tx = (self._txs.get(ClientTxKey(branch, response.cseq.method))
+        tx = (self._txs.get(_new_key(ClientTxKey, (branch, response.cseq.method)))
               if branch is not None else None)
         if tx is None:
             self.stats.stray_responses += 1
