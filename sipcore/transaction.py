@@ -926,19 +926,10 @@ class TransactionLayer:
         key = ClientTxKey(branch, method)
         if key in self._txs:
             raise ValueError(f"client transaction {key} already exists")
-        tx: _ClientTx
         if method == "INVITE":
-            tx = _InviteClientTx(key, request_bytes, request, dest)
-            rtx_name, timeout, timeout_name = "A", self._timer_b, "B"
+            self._start_client_tx(_InviteClientTx(key, request_bytes, request, dest), now)
         else:
-            tx = _NonInviteClientTx(key, request_bytes, dest)
-            rtx_name, timeout, timeout_name = "E", self._timer_f, "F"
-        self._txs[key] = tx
-        self._datagrams.append((request_bytes, dest))
-        if not tx.reliable:
-            tx.interval = self._t1
-            self._arm_rtx(tx, self._t1, rtx_name, now)
-        self._arm_life(tx, timeout, timeout_name, now)
+            self._start_client_tx(_NonInviteClientTx(key, request_bytes, dest), now)
         return key
 
     def cancel(self, tx_key: TxKey, now: float) -> ClientTxKey | None:
@@ -1068,6 +1059,19 @@ class TransactionLayer:
         # In place: handle_timer and get_timer may be iterating over this very list.
         heap[:] = live
 
+    def _start_client_tx(self, tx: _ClientTx, now: float) -> None:
+        """Send the request and start A+B (§17.1.1.2) or E+F (§17.1.2.2)."""
+        self._txs[tx.key] = tx
+        self._datagrams.append((tx.request_bytes, tx.dest))
+        invite = isinstance(tx, _InviteClientTx)
+        if not tx.reliable:
+            tx.interval = self._t1
+            self._arm_rtx(tx, self._t1, "A" if invite else "E", now)
+        if invite:
+            self._arm_life(tx, self._timer_b, "B", now)
+        else:
+            self._arm_life(tx, self._timer_f, "F", now)
+
     def _add_server_tx(self, tx: _ServerTx) -> None:
         self._txs[tx.key] = tx
         self._server_count += 1
@@ -1131,14 +1135,8 @@ class TransactionLayer:
         tx.cancel_state = _CANCEL_SENT
         key = ClientTxKey(tx.key.branch, "CANCEL")
         if key not in self._txs:
-            data = _build_cancel(tx.request)
-            cancel_tx = _NonInviteClientTx(key, data, tx.dest)
-            self._txs[key] = cancel_tx
-            self._datagrams.append((data, tx.dest))
-            if not cancel_tx.reliable:
-                cancel_tx.interval = self._t1
-                self._arm_rtx(cancel_tx, self._t1, "E", now)
-            self._arm_life(cancel_tx, self._timer_f, "F", now)
+            self._start_client_tx(_NonInviteClientTx(key, _build_cancel(tx.request), tx.dest),
+                                  now)
         self._arm_life(tx, self._timer_b, CANCEL_GUARD, now)
 
 
