@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("ctl", help="call a method on the running server's control socket",
                        add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument("rest", nargs="*")
     p.set_defaults(func=_cmd_ctl)
 
     for module_parser in register_module_cli(sub):
@@ -197,7 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "ctl" in argv:
+        # Everything after `ctl` belongs to the control client, options included.
+        i = argv.index("ctl")
+        args = parser.parse_args([*argv[:i], "ctl"])
+        args.rest = argv[i + 1:]
+    else:
+        args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
