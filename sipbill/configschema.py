@@ -89,7 +89,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(key, f"expected a list, got {value!r}")
         return tuple(_convert(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is dict or origin is typing.Mapping:
-        (k_tp, v_tp) = get_args(tp)
+        (_k_tp, v_tp) = get_args(tp)
         if not isinstance(value, dict):
             raise ConfigError(key, f"expected a table, got {value!r}")
         return {str(k): _convert(v_tp, v, _join(key, str(k))) for k, v in value.items()}

@@ -19,7 +19,8 @@ class LogfmtFormatter(logging.Formatter):
         msg = record.getMessage()
         if not msg.startswith("event="):
             msg = "event=message msg=" + json.dumps(msg)
-        line = f"ts={ts}.{int(record.msecs):03d}Z level={record.levelname.lower()} logger={record.name} {msg}"
+        level = record.levelname.lower()
+        line = f"ts={ts}.{int(record.msecs):03d}Z level={level} logger={record.name} {msg}"
         if record.exc_info:
             line += " exc=" + json.dumps(self.formatException(record.exc_info))
         return line
