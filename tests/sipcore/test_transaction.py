@@ -451,7 +451,8 @@ def test_cancel_without_invite_transaction_has_no_target() -> None:
 # --------------------------------------------------------------------------- RFC 2543 fallback
 
 
-@pytest.mark.parametrize("branch", [None, "1234-old-style"])
+# A bare cookie is no unique branch either (RFC 4475 §3.2.1).
+@pytest.mark.parametrize("branch", [None, "1234-old-style", "z9hG4bK"])
 def test_rfc2543_requests_match_on_the_legacy_key(branch: str | None) -> None:
     layer = TransactionLayer()
     key, req = start_server(layer, branch=branch)
@@ -930,3 +931,31 @@ def test_client_and_server_keys_are_not_interchangeable() -> None:
     with pytest.raises(ValueError):
         layer.cancel(skey, 0.0)
     assert wire(layer) == []
+
+
+def test_2xx_from_another_fork_after_a_non_2xx_still_reaches_the_tu() -> None:
+    layer = TransactionLayer()
+    key, req, _ = start_client(layer)
+    layer.receive_response(respond(req, 486, "fork-1"), UAS, 1.0)
+    wire(layer)
+    events(layer)
+    ok = respond(req, 200, "fork-2")
+    layer.receive_response(ok, UAS, 1.5)
+    assert events(layer) == [ResponseReceived(key, ok, UAS)]  # its ACK is the TU's
+    assert wire(layer) == []
+    assert layer.state_of(key) is TxState.COMPLETED
+
+
+def test_ack_before_any_final_is_dropped() -> None:
+    layer = TransactionLayer()
+    key, _ = start_server(layer)
+    layer.receive_request(make_request("ACK", to_tag="nothing-sent"), UAC, 0.1)
+    assert events(layer) == [] and wire(layer) == []
+    assert layer.state_of(key) is TxState.PROCEEDING
+
+
+def test_send_stateless_queues_without_a_transaction() -> None:
+    layer = TransactionLayer()
+    layer.send_stateless(b"ACK ...", UAS)
+    assert wire(layer) == [(b"ACK ...", UAS)]
+    assert layer.transaction_count == 0 and layer.get_timer() is None
