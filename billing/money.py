@@ -59,6 +59,14 @@ class MoneyError(ValueError):
     """An amount or currency that cannot be used; the message says what was wrong."""
 
 
+def rounding_mode(text: str) -> RoundingMode:
+    """``text`` as a :data:`RoundingMode`, or MoneyError naming the valid ones."""
+    for mode in get_args(RoundingMode):
+        if text == mode:
+            return mode  # type: ignore[no-any-return]  # get_args() is untyped
+    raise MoneyError(f"must be one of {', '.join(ROUNDING_MODES)}, got {text!r}")
+
+
 def minor_units(currency: str) -> int:
     """Decimals of ``currency``'s minor unit (ISO 4217): EUR -> 2, JPY -> 0, KWD -> 3."""
     code = currency.upper()
