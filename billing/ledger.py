@@ -54,14 +54,14 @@ class AccountNotFound(LedgerError):
     pass
 
 
-class _Keep:
+class Keep:
     """Marker for "leave this account setting as it is" in :meth:`Ledger.update_account`."""
 
     def __repr__(self) -> str:
         return "KEEP"
 
 
-KEEP: Final = _Keep()
+KEEP: Final = Keep()
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,12 +279,12 @@ class Ledger:
         self,
         account_id: int,
         *,
-        credit_limit: Decimal | _Keep = KEEP,
-        low_balance_threshold: Decimal | _Keep | None = KEEP,
-        auto_recharge_amount: Decimal | _Keep | None = KEEP,
-        rate_table: str | _Keep = KEEP,
-        max_concurrent_calls: int | _Keep = KEEP,
-        diversion_uri: str | _Keep | None = KEEP,
+        credit_limit: Decimal | Keep = KEEP,
+        low_balance_threshold: Decimal | Keep | None = KEEP,
+        auto_recharge_amount: Decimal | Keep | None = KEEP,
+        rate_table: str | Keep = KEEP,
+        max_concurrent_calls: int | Keep = KEEP,
+        diversion_uri: str | Keep | None = KEEP,
     ) -> Account:
         """Change account settings; arguments left at ``KEEP`` stay as they are."""
         changes: dict[str, Any] = {
@@ -297,7 +297,7 @@ class Ledger:
                 "max_concurrent_calls": max_concurrent_calls,
                 "diversion_uri": diversion_uri,
             }.items()
-            if not isinstance(value, _Keep)
+            if not isinstance(value, Keep)
         }
         async with self._pool.acquire() as conn, conn.transaction():
             row = await lock_account(conn, account_id)

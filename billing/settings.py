@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Literal
 
-from billing.money import MAX_DECIMALS, MoneyError, is_currency, minor_units, parse_amount
+from billing.money import (
+    MAX_DECIMALS,
+    MoneyError,
+    format_amount,
+    is_currency,
+    minor_units,
+    parse_amount,
+)
 
 _SIP_METHODS = ("REGISTER", "INVITE")
 
@@ -60,6 +67,13 @@ class BalanceHeaderSettings:
     name: str = "Balance-amount"
     decimals: int = 2
     methods: tuple[str, ...] = _SIP_METHODS
+
+    def header(self, method: str, amount: Decimal) -> tuple[str, str] | None:
+        """``(name, value)`` to add to a 200 OK to ``method``, or None if not configured:
+        ``("Balance-amount", "10.25")``. The amount is rounded half-up for display only."""
+        if not self.enabled or method.upper() not in self.methods:
+            return None
+        return self.name, format_amount(amount, self.decimals)
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -188,3 +202,4 @@ class BillingSettings:
     @property
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
+
