@@ -26,13 +26,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 import asyncpg
 
 from billing.money import MoneyError, minor_units
+from billing.payment import PaymentResult
 from billing.settings import DefaultAccountSettings
 
 if TYPE_CHECKING:
@@ -42,8 +43,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("billing.ledger")
 
 JournalKind = Literal["topup", "charge", "refund", "adjustment", "recharge"]
-LowBalanceOutcome = Literal["ok", "recharged", "locked", "already_locked"]
+LowBalanceOutcome = Literal["ok", "recharged", "recharging", "locked", "already_locked"]
 LOW_BALANCE: Final = "low_balance"
+RECHARGE_CLAIM: Final = timedelta(minutes=5)
+"""How long a claimed auto-recharge blocks another (a provider call outlasting it is stale)."""
 
 
 class LedgerError(Exception):
@@ -592,10 +595,12 @@ class Ledger:
     async def check_low_balance(self, account_id: int, *, trigger: str) -> LowBalanceOutcome:
         """After a charge: if the balance is below the threshold, auto-recharge or lock.
 
-        ``trigger`` names the charge (its journal id or Call-ID); the payment is requested with
-        a reference derived from it, so checking the same charge twice never pays twice. The
-        account row stays locked while the provider is asked, so two calls ending together
-        cannot both trigger a recharge.
+        Three steps, so no database connection or row lock is held while the payment
+        provider works (a card processor may take seconds): claim the recharge on the
+        account row, ask the provider, then post the recharge or lock the account. The
+        claim makes a second charge crossing the threshold meanwhile answer ``recharging``
+        instead of paying twice. ``trigger`` names the charge; the payment reference derives
+        from it, so checking the same charge twice never pays twice.
         """
         async with self._pool.acquire() as conn, conn.transaction():
             account = await lock_account(conn, account_id)
@@ -604,33 +609,54 @@ class Ledger:
                 return "ok"
             if account["status"] == "locked":
                 return "already_locked"
-            why = "no auto-recharge configured"
             amount: Decimal | None = account["auto_recharge_amount"]
-            if amount is not None and self.payment_provider is not None:
-                reference = f"auto-recharge:{account_id}:{trigger}"
-                result = await self.payment_provider.charge(account_id, amount, reference)
-                if result.ok:
-                    entry = await post_entry(
-                        conn,
-                        account,
-                        result.amount,
-                        "recharge",
-                        f"auto-recharge via {result.provider}",
-                        reference,
-                    )
-                    if entry.balance_after >= threshold:
-                        log.info(
-                            "event=auto_recharged account=%s amount=%s provider=%s",
-                            account_id,
-                            result.amount,
-                            result.provider,
-                        )
-                        return "recharged"
-                    why = "auto-recharge did not reach the threshold"
-                else:
-                    why = f"auto-recharge failed: {result.error}"
-            await _set_lock(conn, account_id, LOW_BALANCE)
-        log.warning("event=account_locked account=%s reason=low_balance detail=%r", account_id, why)
+            provider = self.payment_provider
+            if amount is None or provider is None:
+                await _set_lock(conn, account_id, LOW_BALANCE)
+                log.warning("event=account_locked account=%s reason=low_balance "
+                            "detail=no_auto_recharge", account_id)
+                return "locked"
+            pending: str | None = account["recharge_reference"]
+            started: datetime | None = account["recharge_started_at"]
+            now: datetime = await conn.fetchval("SELECT now()")
+            if pending is not None and started is not None and now - started < RECHARGE_CLAIM:
+                return "recharging"
+            # A stale claim is a recharge whose outcome was never recorded: retry it under
+            # the same reference, so a payment that did go through is credited, not repeated.
+            reference = pending or f"auto-recharge:{account_id}:{trigger}"
+            await conn.execute(
+                "UPDATE accounts SET recharge_reference = $2, recharge_started_at = now() "
+                "WHERE id = $1",
+                account_id,
+                reference,
+            )
+        outcome_known = True
+        try:
+            result = await provider.charge(account_id, amount, reference)
+        except Exception as exc:  # the provider's failure must not leave the charge unhandled
+            outcome_known = False
+            result = PaymentResult(False, amount, reference, provider.name, f"error: {exc!r}")
+        async with self._pool.acquire() as conn, conn.transaction():
+            account = await lock_account(conn, account_id)
+            if outcome_known:
+                await conn.execute(
+                    "UPDATE accounts SET recharge_reference = NULL, recharge_started_at = NULL "
+                    "WHERE id = $1",
+                    account_id,
+                )
+            why = f"auto-recharge failed: {result.error}"
+            if result.ok:
+                entry = await post_entry(conn, account, result.amount, "recharge",
+                                         f"auto-recharge via {result.provider}", reference)
+                if entry.balance_after >= threshold:
+                    log.info("event=auto_recharged account=%s amount=%s provider=%s",
+                             account_id, result.amount, result.provider)
+                    return "recharged"
+                why = "auto-recharge did not reach the threshold"
+            if account["status"] != "locked":
+                await _set_lock(conn, account_id, LOW_BALANCE)
+        log.warning("event=account_locked account=%s reason=low_balance detail=%r",
+                    account_id, why)
         return "locked"
 
     # -- reporting ----------------------------------------------------------------------

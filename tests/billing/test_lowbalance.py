@@ -3,6 +3,7 @@ top-up; the voucher provider's own bookkeeping (idempotent by reference)."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -12,7 +13,7 @@ import pytest
 from billing.credit import CreditControl
 from billing.ledger import Ledger
 from billing.money import MoneyError
-from billing.payment import VoucherProvider
+from billing.payment import PaymentResult, VoucherProvider
 from billing.rating import Rate, Rating
 from billing.settings import BillingSettings
 
@@ -123,3 +124,69 @@ async def test_voucher_provider_bookkeeping(db_pool: asyncpg.Pool) -> None:
         await vouchers.register(account.id, Decimal("0.001"))
     with pytest.raises(LookupError):
         await vouchers.register(999_999, Decimal("1"))
+
+
+class SlowVouchers(VoucherProvider):
+    """A provider that takes its time (like a card processor), to overlap two checks."""
+
+    def __init__(self, pool: asyncpg.Pool, fail_with: Exception | None = None) -> None:
+        super().__init__(pool)
+        self.calls = 0
+        self.fail_with = fail_with
+
+    async def charge(self, account_id: int, amount: Decimal, reference: str) -> PaymentResult:
+        self.calls += 1
+        await asyncio.sleep(0.2)
+        if self.fail_with is not None:
+            raise self.fail_with
+        return await super().charge(account_id, amount, reference)
+
+
+async def test_two_charges_crossing_the_threshold_recharge_once(db_pool: asyncpg.Pool) -> None:
+    vouchers = SlowVouchers(db_pool)
+    ledger = Ledger(db_pool, payment_provider=vouchers)
+    account = await ledger.create_account(
+        "two-at-once", "EUR", initial_balance=Decimal("1.00"),
+        low_balance_threshold=Decimal("5.00"), auto_recharge_amount=Decimal("10.00"),
+    )
+    await vouchers.register(account.id, Decimal("50.00"))
+    outcomes = await asyncio.gather(
+        ledger.check_low_balance(account.id, trigger="charge-1"),
+        ledger.check_low_balance(account.id, trigger="charge-2"),
+    )
+    assert sorted(outcomes) == ["recharged", "recharging"]
+    assert vouchers.calls == 1 and await ledger.balance(account.id) == Decimal("11.00")
+    assert await vouchers.stored_balance(account.id) == Decimal("40.00")
+
+
+async def test_provider_error_locks_and_the_retry_reuses_the_reference(
+    db_pool: asyncpg.Pool,
+) -> None:
+    broken = SlowVouchers(db_pool, fail_with=ConnectionError("processor unreachable"))
+    ledger = Ledger(db_pool, payment_provider=broken)
+    account = await ledger.create_account(
+        "provider-down", "EUR", initial_balance=Decimal("1.00"),
+        low_balance_threshold=Decimal("5.00"), auto_recharge_amount=Decimal("10.00"),
+    )
+    assert await ledger.check_low_balance(account.id, trigger="c1") == "locked"
+    async with db_pool.acquire() as conn:
+        pending = await conn.fetchval(
+            "SELECT recharge_reference FROM accounts WHERE id = $1", account.id
+        )
+        # The outcome is unknown: the claim stays, so the next try uses the same reference.
+        assert pending == f"auto-recharge:{account.id}:c1"
+        await conn.execute(
+            "UPDATE accounts SET recharge_started_at = now() - interval '1 hour' WHERE id = $1",
+            account.id,
+        )
+    await ledger.unlock(account.id)
+    working = VoucherProvider(db_pool)
+    await working.register(account.id, Decimal("10.00"))
+    ledger.payment_provider = working
+    assert await ledger.check_low_balance(account.id, trigger="c2") == "recharged"
+    async with db_pool.acquire() as conn:
+        reference = await conn.fetchval(
+            "SELECT reference FROM journal WHERE account_id = $1 AND kind = 'recharge'",
+            account.id,
+        )
+    assert reference == f"auto-recharge:{account.id}:c1"
