@@ -52,6 +52,7 @@ import math
 import os
 import socket
 import uuid
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -237,8 +238,9 @@ class CreditControl:
                             "No Rate For Destination", account_id=account.id,
                             destination=destination, currency=account.currency)
 
+        if self._started_at is None:
+            await self.start(now)
         async with self._pool.acquire() as conn, conn.transaction():
-            await self._register(conn, now)
             row = await lock_account(conn, account.id)
             existing = await conn.fetchrow(
                 "SELECT * FROM reservations WHERE call_id = $1", call_id
@@ -647,6 +649,27 @@ class CreditControl:
                                  answered_at + timedelta(seconds=res["max_duration"]))
                 return await self._settle_locked(conn, account, res, end_at, RECOVERED,
                                                  recovered=True)
+
+    async def run_maintenance(
+        self,
+        active_call_ids: Callable[[], Iterable[str]],
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        """Heartbeat this node's answered calls and sweep orphaned reservations every
+        ``recovery.heartbeat_interval`` seconds, until cancelled (run it as a task).
+
+        Without it, other nodes consider this one gone after ``recovery.node_timeout`` and
+        settle its calls, so a server that authorises calls must run it.
+        """
+        interval = self.settings.recovery.heartbeat_interval
+        while True:
+            try:
+                await self.heartbeat(list(active_call_ids()), clock())
+                await self.recover(clock())
+            except _DB_DOWN as exc:
+                # Calls in progress keep their timers in the proxy; try again next round.
+                log.warning("event=billing_maintenance_failed error=%r", exc)
+            await asyncio.sleep(interval)
 
     # -- unbillable destinations ----------------------------------------------------------
 

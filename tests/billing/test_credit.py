@@ -426,3 +426,26 @@ async def test_diversion_for_locked_accounts(credit: CreditControl, db_pool: asy
     assert await with_vm.diversion_for(*callee) == "sip:voicemail@example.com"
     await credit.ledger.update_account(account.id, diversion_uri="sip:vm-own@example.com")
     assert await with_vm.diversion_for(*callee) == "sip:vm-own@example.com"
+
+
+async def test_maintenance_task_heartbeats_and_sweeps(
+    db_pool: asyncpg.Pool, rating: Rating
+) -> None:
+    recovery = RecoverySettings(heartbeat_interval=0.05, node_timeout=1, grace=0)
+    credit = CreditControl(db_pool, rating, BillingSettings(recovery=recovery), node_name="mt")
+    _, caller = await new_subscriber(db_pool, "10.00")
+    started = datetime.now(UTC)
+    await credit.authorize("mt-1", caller, "+12125550100", started)
+    await credit.answered("mt-1", started)
+    task = asyncio.create_task(credit.run_maintenance(lambda: ["mt-1"]))
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    async with db_pool.acquire() as conn:
+        beat = await conn.fetchval("SELECT heartbeat_at FROM reservations WHERE call_id = 'mt-1'")
+        seen = await conn.fetchval(
+            "SELECT seen_at FROM billing_nodes WHERE node_id = $1", credit.node_id
+        )
+    assert beat > started and seen > started
+    await credit.settle("mt-1", datetime.now(UTC), "bye")
