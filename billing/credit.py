@@ -217,12 +217,18 @@ class CreditControl:
                      call_id, username, domain)
             return _refused(call_id, self.settings.no_account_status, "no_account",
                             "No Billing Account")
+        if account.locked:
+            # Checked again under the row lock below; this early answer keeps a locked
+            # account's attempts out of the unbillable report.
+            return _refused(call_id, 403, "locked", "Account Locked", account_id=account.id,
+                            currency=account.currency)
         destination = normalise_number(callee_number, self.settings.numbers)
         rate = (
             self.rating.lookup(destination, now, account.rate_table)
             if destination is not None
             else None
         )
+        why = ""
         if destination is None:
             why = "not a telephone number"
         elif rate is None:
