@@ -1,0 +1,880 @@
+"""The location service: bindings of addresses-of-record to contacts (RFC 3261 §10, §16.5).
+
+A REGISTER (:mod:`sipcore.registrar`) creates, refreshes and removes *bindings*; the proxy's
+LOCATION stage turns a Request-URI naming a local address-of-record into the contacts bound to
+it.  Each :class:`Binding` also records the transport address the REGISTER came from
+(RFC 3581 §4, RFC 3261 §18.2.1): requests for the contact are sent there, which is what
+reaches a phone behind NAT, and the RFC 3327 Path the REGISTER collected.
+
+Theory of operation
+-------------------
+*Memory is a cache, the database is the truth* (ARCHITECTURE.md principle 5).  Every binding
+lives in ``dict[aor, tuple[Binding, ...]]``: a lookup is one dict probe returning a tuple that
+is never mutated (a change installs a new tuple), so the hot path allocates nothing.  A second
+dict indexes bindings by contact URI for in-dialog requests whose Request-URI is a contact.
+
+*Writes go through, in groups.*  :meth:`LocationService.update` lets the caller plan a change
+against the current bindings of one AoR, queues the rows to write and waits until they are
+committed; only then is the change installed in memory and the caller told, so a 200 OK never
+claims a binding the database does not hold (RFC 3261 §10.3: "The binding updates MUST be
+committed ... if and only if all binding updates and additions succeed").  Queued changes are
+flushed together -- one SQL statement (data-modifying CTEs over ``unnest`` arrays, so one round
+trip and one implicit transaction) for everything queued -- whenever no flush is running, after
+``flush_delay`` or as soon as ``max_batch`` are queued.  While a flush is in flight the next
+batch accumulates, so the batch size follows the load.  A failed flush fails every change in
+it (:class:`LocationWriteError`; the registrar answers 500) and leaves memory as it was.
+
+*One change per AoR at a time.*  A planned change holds its AoR until its flush completed
+(``_inflight``); a second REGISTER for the same AoR waits for it and then plans against the
+result.  This is what lets a plan read memory without a lock, keeps an AoR's rows out of two
+sub-statements of one flush (PostgreSQL leaves the order of two modifications of one row in a
+statement undefined) and keeps replies in CSeq order.
+
+*Expiry* uses a heap of ``(time, aor, contact)`` with at most one live entry per binding and
+one ``call_later`` at the earliest entry.  A refresh does not push: the new binding inherits
+the pending entry (``_sched``), and when that entry comes due early it is re-pushed at the
+binding's real expiry.  So the heap stays as large as the number of bindings however often
+phones refresh.  An expired binding leaves memory at once and is deleted from the database by
+a conditional ``DELETE ... WHERE expires_at <= <what we saw>`` in the next flush; the node whose
+delete removed the row emits :class:`ContactExpired`, so with several nodes the event is
+raised once.
+
+*Other nodes* (and the worker processes of one node) learn of changes by ``NOTIFY
+location_changed`` with the AoR as payload, sent by the flush in its own transaction, and reload
+that AoR.  Notifications from our own flushes are recognised by the backend pid and skipped.
+If the listening connection is lost, a new one is opened and everything is reloaded.
+
+Events are emitted by the node that made the change: the registrar emits the events of its
+REGISTER after it has answered (:meth:`BindingChange.events`), this service emits those of
+expiry and administrative removal.  Reloads caused by other nodes emit nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import asyncpg
+
+from sipcore.headers import split_values
+from sipcore.pipeline import EventBus
+from sipcore.transport_types import Peer
+from sipcore.uri import SipUri, TelUri, parse_uri
+
+__all__ = [
+    "Binding",
+    "BindingChange",
+    "ContactExpired",
+    "ContactRefreshed",
+    "ContactRegistered",
+    "ContactRemoved",
+    "LocationEvent",
+    "LocationService",
+    "LocationWriteError",
+    "aor_of",
+]
+
+log = logging.getLogger("sipcore.location")
+
+
+def aor_of(uri: str | SipUri | TelUri) -> str:
+    """The canonical address-of-record of a SIP URI: ``sip:user@domain``.
+
+    RFC 3261 §10.3 step 5 canonicalises the To URI of a REGISTER ("all URI parameters MUST be
+    removed ... and all escaped characters MUST be converted to their unescaped form"); the
+    registrar, the location lookup and every module key bindings by this string.  The scheme
+    is always ``sip`` (a ``sips:`` AoR names the same user), the domain is lower-cased, port,
+    parameters and headers are dropped, and the user part keeps its case (§19.1.4) and the one
+    canonical escaping :class:`~sipcore.uri.SipUri` writes.  A URI without user part gives
+    ``sip:domain``.  Raises :class:`~sipcore.errors.SipParseError` for text that is not a
+    SIP/SIPS URI, ``ValueError`` for a TEL URI (it has no domain).
+    """
+    parsed = parse_uri(uri) if isinstance(uri, str) else uri
+    if isinstance(parsed, TelUri):
+        raise ValueError(f"a tel: URI has no address-of-record: {parsed}")
+    aor = parsed.aor  # scheme:user@host, unescaped then canonically escaped, host lower-cased
+    return aor if parsed.scheme == "sip" else "sip" + aor[len(parsed.scheme) :]
+
+
+class Binding:
+    """One contact bound to an AoR.  Treat as immutable: a refresh creates a new Binding.
+
+    ``expires_at`` and ``received_at`` are wall-clock seconds (``time.time()``), the same on
+    every node.  ``source`` is the transport address the REGISTER came from.  ``path`` holds
+    the RFC 3327 Path values of that REGISTER (each one a name-addr, first = nearest to us).
+    ``instance`` is the RFC 5626 ``+sip.instance`` value as written, ``reg_id`` its reg-id.
+    """
+
+    __slots__ = (
+        "_sched",
+        "aor",
+        "call_id",
+        "contact",
+        "cseq",
+        "expires_at",
+        "instance",
+        "path",
+        "q",
+        "received_at",
+        "reg_id",
+        "source",
+        "user_agent",
+    )
+
+    aor: str
+    contact: str
+    source: Peer
+    expires_at: float
+    q: float
+    call_id: str
+    cseq: int
+    path: tuple[str, ...]
+    user_agent: str
+    instance: str | None
+    reg_id: int | None
+    received_at: float
+    _sched: float  # due time of this binding's live expiry heap entry
+
+    def __init__(
+        self,
+        aor: str,
+        contact: str,
+        source: Peer,
+        expires_at: float,
+        *,
+        q: float = 1.0,
+        call_id: str = "",
+        cseq: int = 0,
+        path: tuple[str, ...] = (),
+        user_agent: str = "",
+        instance: str | None = None,
+        reg_id: int | None = None,
+        received_at: float = 0.0,
+    ) -> None:
+        self.aor = aor
+        self.contact = contact
+        self.source = source
+        self.expires_at = expires_at
+        self.q = q
+        self.call_id = call_id
+        self.cseq = cseq
+        self.path = path
+        self.user_agent = user_agent
+        self.instance = instance
+        self.reg_id = reg_id
+        self.received_at = received_at
+        self._sched = expires_at
+
+    def expires_in(self, now: float) -> int:
+        """Whole seconds left at ``now`` (rounded, never negative): the 200 OK's ``expires``."""
+        left = int(self.expires_at - now + 0.5)
+        return left if left > 0 else 0
+
+    def as_dict(self, now: float) -> dict[str, Any]:
+        """Plain data for the control socket and logs (msgpack/JSON friendly)."""
+        return {
+            "aor": self.aor,
+            "contact": self.contact,
+            "source": str(self.source),
+            "expires": self.expires_in(now),
+            "expires_at": self.expires_at,
+            "q": self.q,
+            "call_id": self.call_id,
+            "cseq": self.cseq,
+            "path": list(self.path),
+            "user_agent": self.user_agent,
+            "instance": self.instance,
+            "reg_id": self.reg_id,
+            "received_at": self.received_at,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"Binding({self.aor!r}, {self.contact!r}, source={self.source}, "
+            f"expires_at={self.expires_at:.3f}, q={self.q}, cseq={self.cseq})"
+        )
+
+
+# ------------------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class ContactRegistered:
+    """A REGISTER bound a contact that was not bound to the AoR before."""
+
+    aor: str
+    binding: Binding
+
+
+@dataclass(frozen=True, slots=True)
+class ContactRefreshed:
+    """A REGISTER renewed (or changed) an existing binding; ``binding`` is the new one."""
+
+    aor: str
+    binding: Binding
+
+
+@dataclass(frozen=True, slots=True)
+class ContactRemoved:
+    """A binding was removed before it expired: Expires 0, ``Contact: *``, or ``remove()``."""
+
+    aor: str
+    binding: Binding
+
+
+@dataclass(frozen=True, slots=True)
+class ContactExpired:
+    """A binding's expiry time passed without a refresh (raised by the node that deleted it)."""
+
+    aor: str
+    binding: Binding
+
+
+LocationEvent = ContactRegistered | ContactRefreshed | ContactRemoved | ContactExpired
+
+
+class LocationWriteError(Exception):
+    """The database did not commit a change; it was not applied (answer 500)."""
+
+
+@dataclass(slots=True)
+class BindingChange:
+    """A planned (then committed) change of one AoR's bindings.
+
+    ``bindings`` is the complete set after the change, in the order the 200 OK lists them;
+    ``added``/``refreshed``/``removed`` say what differs from before (a refreshed binding is the
+    new object that replaces the one with the same contact).  ``remove_all`` deletes every
+    stored row of the AoR, also rows another node wrote that this one has not loaded yet.
+    """
+
+    bindings: tuple[Binding, ...]
+    added: tuple[Binding, ...] = ()
+    refreshed: tuple[Binding, ...] = ()
+    removed: tuple[Binding, ...] = ()
+    remove_all: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.refreshed or self.removed or self.remove_all)
+
+    def events(self, aor: str) -> list[LocationEvent]:
+        """The events this change raises, removals first."""
+        out: list[LocationEvent] = [ContactRemoved(aor, b) for b in self.removed]
+        out.extend(ContactRegistered(aor, b) for b in self.added)
+        out.extend(ContactRefreshed(aor, b) for b in self.refreshed)
+        return out
+
+
+Plan = Callable[[tuple[Binding, ...]], BindingChange | None]
+
+
+class _Op:
+    """One AoR's queued write: a committed-on-success change, or expired rows to delete."""
+
+    __slots__ = ("aor", "change", "done", "expired")
+
+    def __init__(
+        self,
+        aor: str,
+        change: BindingChange | None,
+        expired: tuple[Binding, ...],
+        done: asyncio.Future[None],
+    ) -> None:
+        self.aor = aor
+        self.change = change
+        self.expired = expired
+        self.done = done
+
+
+# All writes of one flush in one statement: one round trip, one implicit transaction.  The
+# pg_notify CTE is only evaluated because the final SELECT reads it.
+_FLUSH_SQL: Final = """
+WITH ins AS (
+    INSERT INTO location (aor, contact, transport, source_host, source_port, expires_at, q,
+                          call_id, cseq, path, user_agent, instance, reg_id, received_at)
+    SELECT u.aor, u.contact, u.transport, u.source_host, u.source_port,
+           to_timestamp(u.expires_at), u.q, u.call_id, u.cseq, u.path, u.user_agent,
+           u.instance, u.reg_id, to_timestamp(u.received_at)
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int4[], $6::float8[],
+                $7::float8[], $8::text[], $9::int8[], $10::text[], $11::text[], $12::text[],
+                $13::int4[], $14::float8[])
+         AS u(aor, contact, transport, source_host, source_port, expires_at, q, call_id, cseq,
+              path, user_agent, instance, reg_id, received_at)
+    ON CONFLICT (aor, contact) DO UPDATE SET
+        transport = EXCLUDED.transport, source_host = EXCLUDED.source_host,
+        source_port = EXCLUDED.source_port, expires_at = EXCLUDED.expires_at, q = EXCLUDED.q,
+        call_id = EXCLUDED.call_id, cseq = EXCLUDED.cseq, path = EXCLUDED.path,
+        user_agent = EXCLUDED.user_agent, instance = EXCLUDED.instance,
+        reg_id = EXCLUDED.reg_id, received_at = EXCLUDED.received_at
+), del AS (
+    DELETE FROM location l USING unnest($15::text[], $16::text[]) AS d(aor, contact)
+    WHERE l.aor = d.aor AND l.contact = d.contact
+), del_all AS (
+    DELETE FROM location WHERE aor = ANY($17::text[])
+), expired AS (
+    DELETE FROM location l
+    USING unnest($18::text[], $19::text[], $20::float8[]) AS e(aor, contact, expires_at)
+    WHERE l.aor = e.aor AND l.contact = e.contact AND l.expires_at <= to_timestamp(e.expires_at)
+    RETURNING l.aor, l.contact
+), notified AS (
+    SELECT pg_notify('location_changed', n) FROM unnest($21::text[]) AS n
+)
+SELECT aor, contact FROM expired
+UNION ALL
+SELECT NULL, NULL FROM (SELECT count(*) FROM notified) AS forced
+"""
+
+_SELECT_COLUMNS: Final = """
+    aor, contact, transport, source_host, source_port,
+    extract(epoch FROM expires_at)::float8 AS expires_at, q, call_id, cseq, path, user_agent,
+    instance, reg_id, extract(epoch FROM received_at)::float8 AS received_at
+"""
+
+# Strings repeated across many bindings (transport names, user agents) are shared, not copied
+# per binding: the memory target is < 1 KB per binding.
+_SHARED_MAX: Final = 4096
+
+
+class LocationService:
+    """In-memory bindings with write-through to PostgreSQL, expiry and multi-node sync.
+
+    ``pool`` is an asyncpg pool on a database migrated with ``0002_location.sql``; ``bus``
+    receives :class:`ContactExpired` and :class:`ContactRemoved` raised here.  ``clock`` is
+    wall-clock seconds (``time.time``; expiry times are shared with other nodes).
+    ``flush_delay`` (seconds) lets a few changes gather before a flush when none is running;
+    ``max_batch`` caps a flush.  ``notify`` sends ``NOTIFY location_changed`` for other nodes;
+    a single-node deployment may switch it off (NOTIFY serialises commits in PostgreSQL).
+    ``write_timeout`` bounds one flush, connecting included.
+    """
+
+    CHANNEL: Final = "location_changed"
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        bus: EventBus,
+        *,
+        clock: Callable[[], float] = time.time,
+        flush_delay: float = 0.0,
+        max_batch: int = 500,
+        notify: bool = True,
+        write_timeout: float = 5.0,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be positive")
+        if flush_delay < 0 or write_timeout <= 0:
+            raise ValueError("flush_delay must not be negative, write_timeout must be positive")
+        self.pool = pool
+        self.bus = bus
+        self.clock = clock
+        self.flush_delay = flush_delay
+        self.max_batch = max_batch
+        self.notify = notify
+        self.write_timeout = write_timeout
+        self._by_aor: dict[str, tuple[Binding, ...]] = {}
+        self._by_contact: dict[str, Binding] = {}
+        self._count = 0
+        self._heap: list[tuple[float, str, str]] = []
+        self._expiry_handle: asyncio.TimerHandle | None = None
+        self._expiry_at: float | None = None
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._queue: list[_Op] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._flush_task: asyncio.Task[None] | None = None
+        self._own_pids: set[int] = set()
+        self._listen_conn: Any = None
+        self._reloads: dict[str, bool] = {}  # aor -> reload again when the current one ends
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._shared: dict[str, str] = {}
+        self._closed = False
+        self.stats: dict[str, int] = {
+            "flushes": 0,
+            "flushed_ops": 0,
+            "flush_errors": 0,
+            "expired": 0,
+            "reloads": 0,
+            "resyncs": 0,
+        }
+
+    # ------------------------------------------------------------------------- reading
+    def lookup(self, aor: str) -> tuple[Binding, ...]:
+        """The bindings of ``aor`` (canonical, see :func:`aor_of`); ``()`` when none.
+
+        May include a binding whose expiry is due within the timer's latency; callers that
+        route compare ``expires_at`` with the clock.
+        """
+        return self._by_aor.get(aor, ())
+
+    def lookup_contact(self, uri: str) -> Binding | None:
+        """The binding whose contact URI is exactly ``uri`` (e.g. an in-dialog Request-URI).
+
+        Contacts are compared as text, as the registrar does.  If two AoRs bound the same
+        contact URI, the one written last is found.
+        """
+        return self._by_contact.get(uri)
+
+    @property
+    def aor_count(self) -> int:
+        return len(self._by_aor)
+
+    @property
+    def binding_count(self) -> int:
+        return self._count
+
+    def aors(self) -> list[str]:
+        return list(self._by_aor)
+
+    def dump(self, aor: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        """All bindings (or those of ``aor``) as plain data, keyed by AoR (``ul.dump``)."""
+        now = self.clock()
+        items = (
+            self._by_aor.items() if aor is None else [(aor, self._by_aor.get(aor, ()))]
+        )
+        return {a: [b.as_dict(now) for b in bs] for a, bs in items if bs}
+
+    def busy(self, aor: str) -> bool:
+        """Whether a change of ``aor`` is being written or reloaded right now."""
+        return aor in self._inflight
+
+    # ------------------------------------------------------------------------- writing
+    async def update(self, aor: str, plan: Plan) -> BindingChange:
+        """Plan a change of ``aor``'s bindings against the current ones and commit it.
+
+        ``plan(current)`` runs synchronously once this AoR has no other change in flight; it
+        returns the :class:`BindingChange` to make, or None for no change, or raises (nothing
+        is written; the exception propagates).  Returns once the change is committed and
+        installed in memory (None from ``plan`` returns the current bindings unchanged).
+        Raises :class:`LocationWriteError` if the write failed; then nothing changed.  The
+        caller emits :meth:`BindingChange.events` (after it has answered the REGISTER).
+        """
+        inflight = self._inflight
+        while (pending := inflight.get(aor)) is not None:
+            await asyncio.wait((pending,))
+        current = self._by_aor.get(aor, ())
+        change = plan(current)
+        if change is None or not change.changed:
+            return change if change is not None else BindingChange(current)
+        if change.remove_all and (change.added or change.refreshed):
+            # One statement must not both delete and upsert an AoR's rows (order undefined).
+            raise ValueError("remove_all cannot be combined with added or refreshed bindings")
+        if self._closed:
+            raise LocationWriteError("location service is closed")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(_Op(aor, change, (), done))
+        # Shielded: a cancelled REGISTER must not cancel the marker other waiters watch.
+        await asyncio.shield(done)
+        return change
+
+    async def remove(self, aor: str) -> int:
+        """Remove every binding of ``aor`` (``ul.rm``); returns how many were in memory.
+
+        Raises :class:`ContactRemoved` for each and deletes all of the AoR's rows, also those
+        this node has not loaded.
+        """
+
+        def plan(current: tuple[Binding, ...]) -> BindingChange:
+            return BindingChange((), removed=current, remove_all=True)
+
+        change = await self.update(aor, plan)
+        for event in change.events(aor):
+            self.bus.emit(event)
+        return len(change.removed)
+
+    def _enqueue(self, op: _Op) -> None:
+        self._queue.append(op)
+        self._inflight[op.aor] = op.done
+        if self._flush_task is not None:
+            return  # the running flush takes everything queued when it is done
+        if len(self._queue) >= self.max_batch or self.flush_delay <= 0:
+            if self._flush_handle is not None and len(self._queue) >= self.max_batch:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+            if self._flush_handle is None:
+                self._flush_handle = asyncio.get_running_loop().call_soon(self._start_flush)
+        elif self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(
+                self.flush_delay, self._start_flush
+            )
+
+    def _start_flush(self) -> None:
+        self._flush_handle = None
+        if self._flush_task is None and self._queue:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self.max_batch]
+                del self._queue[: self.max_batch]
+                await self._write(batch)
+        finally:
+            self._flush_task = None
+
+    async def _write(self, batch: list[_Op]) -> None:
+        args = self._flush_args(batch)
+        try:
+            async with asyncio.timeout(self.write_timeout), self.pool.acquire() as conn:
+                self._own_pids.add(conn.get_server_pid())
+                rows = await conn.fetch(_FLUSH_SQL, *args)
+        except BaseException as exc:
+            self.stats["flush_errors"] += 1
+            log.error(
+                "event=location_flush_failed ops=%d error=%s", len(batch), type(exc).__name__
+            )
+            self._fail(batch, exc)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the service is closing
+            return
+        self.stats["flushes"] += 1
+        self.stats["flushed_ops"] += len(batch)
+        deleted = {(r[0], r[1]) for r in rows if r[0] is not None}
+        self._commit(batch, deleted)
+
+    def _flush_args(self, batch: list[_Op]) -> list[list[Any]]:
+        up: list[list[Any]] = [[] for _ in range(14)]
+        d_aor: list[str] = []
+        d_contact: list[str] = []
+        all_aor: list[str] = []
+        e_aor: list[str] = []
+        e_contact: list[str] = []
+        e_expires: list[float] = []
+        notify: list[str] = []
+        for op in batch:
+            change = op.change
+            if change is not None:
+                for b in (*change.added, *change.refreshed):
+                    for column, value in zip(up, _row_values(b), strict=True):
+                        column.append(value)
+                if change.remove_all:
+                    all_aor.append(op.aor)
+                else:
+                    for b in change.removed:
+                        d_aor.append(op.aor)
+                        d_contact.append(b.contact)
+            for b in op.expired:
+                e_aor.append(op.aor)
+                e_contact.append(b.contact)
+                e_expires.append(b.expires_at)
+            if self.notify:
+                notify.append(op.aor)
+        return [*up, d_aor, d_contact, all_aor, e_aor, e_contact, e_expires, notify]
+
+    def _commit(self, batch: list[_Op], deleted: set[tuple[str, str]]) -> None:
+        for op in batch:
+            if op.change is not None:
+                self._install(op.aor, op.change.bindings)
+            if self._inflight.get(op.aor) is op.done:
+                del self._inflight[op.aor]
+            if not op.done.done():
+                op.done.set_result(None)
+            for b in op.expired:
+                # Only the node whose DELETE removed the row raises the event.
+                if (op.aor, b.contact) in deleted:
+                    self.bus.emit(ContactExpired(op.aor, b))
+        self._arm_expiry()
+
+    def _fail(self, batch: list[_Op], exc: BaseException) -> None:
+        error = LocationWriteError(f"location write failed: {type(exc).__name__}: {exc}")
+        for op in batch:
+            if self._inflight.get(op.aor) is op.done:
+                del self._inflight[op.aor]
+            if op.expired:
+                # Already out of memory; the row stays in the database, expired, which every
+                # reader ignores and start-up deletes.  Listeners still need to hear of it.
+                for b in op.expired:
+                    self.bus.emit(ContactExpired(op.aor, b))
+                if not op.done.done():
+                    op.done.set_result(None)
+            elif not op.done.done():
+                op.done.set_exception(error)
+
+    # ------------------------------------------------------------------------- memory
+    def _install(self, aor: str, bindings: tuple[Binding, ...]) -> None:
+        """Make ``bindings`` the AoR's set: contact index and expiry heap follow."""
+        old = self._by_aor.get(aor, ())
+        index = self._by_contact
+        for b in old:
+            if index.get(b.contact) is b:
+                del index[b.contact]
+        heap = self._heap
+        for b in bindings:
+            index[b.contact] = b
+            if b in old:
+                continue
+            previous = next((o for o in old if o.contact == b.contact), None)
+            if previous is not None and previous._sched <= b.expires_at:
+                # The pending heap entry comes due no later than this binding: inherit it
+                # (it is re-pushed at the real expiry when it fires).
+                b._sched = previous._sched
+            else:
+                b._sched = b.expires_at
+                heapq.heappush(heap, (b.expires_at, aor, b.contact))
+        self._count += len(bindings) - len(old)
+        if bindings:
+            self._by_aor[aor] = bindings
+        else:
+            self._by_aor.pop(aor, None)
+
+    def _shared_str(self, text: str) -> str:
+        shared = self._shared.get(text)
+        if shared is not None:
+            return shared
+        if len(self._shared) < _SHARED_MAX:
+            self._shared[text] = text
+        return text
+
+    def binding_from_row(self, row: Any) -> Binding:
+        """A :class:`Binding` from a ``location`` row (``_SELECT_COLUMNS``)."""
+        shared = self._shared_str
+        path_text: str = row["path"]
+        return Binding(
+            row["aor"],
+            row["contact"],
+            Peer(shared(row["transport"]), row["source_host"], row["source_port"]),
+            row["expires_at"],
+            q=row["q"],
+            call_id=row["call_id"],
+            cseq=row["cseq"],
+            path=tuple(split_values(path_text)) if path_text else (),
+            user_agent=shared(row["user_agent"]),
+            instance=row["instance"],
+            reg_id=row["reg_id"],
+            received_at=row["received_at"],
+        )
+
+    def shared_user_agent(self, text: str) -> str:
+        """``text``, or an equal string already held (user agents repeat across phones)."""
+        return self._shared_str(text)
+
+    # ------------------------------------------------------------------------- expiry
+    def _arm_expiry(self) -> None:
+        if self._closed:
+            return
+        heap = self._heap
+        if not heap:
+            if self._expiry_handle is not None:
+                self._expiry_handle.cancel()
+                self._expiry_handle = self._expiry_at = None
+            return
+        due = heap[0][0]
+        if self._expiry_at is not None and self._expiry_at <= due:
+            return
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._expiry_at = due
+        self._expiry_handle = loop.call_later(max(0.0, due - self.clock()), self._expire_due)
+
+    def _expire_due(self) -> None:
+        self._expiry_handle = self._expiry_at = None
+        now = self.clock()
+        heap = self._heap
+        by_aor = self._by_aor
+        expired: dict[str, list[Binding]] = {}
+        retry: list[tuple[float, str, str]] = []
+        while heap and heap[0][0] <= now:
+            due, aor, contact = heapq.heappop(heap)
+            binding = next((b for b in by_aor.get(aor, ()) if b.contact == contact), None)
+            if binding is None or binding._sched != due:
+                continue  # removed or superseded entry
+            if binding.expires_at > now:
+                binding._sched = binding.expires_at  # refreshed since: wait for the real expiry
+                heapq.heappush(heap, (binding.expires_at, aor, contact))
+            elif aor in self._inflight:
+                # A write for this AoR is in flight (it may be this binding's refresh); look
+                # again shortly rather than race it.
+                binding._sched = now + 0.5
+                retry.append((binding._sched, aor, contact))
+            else:
+                expired.setdefault(aor, []).append(binding)
+        for entry in retry:
+            heapq.heappush(heap, entry)
+        loop = asyncio.get_running_loop()
+        for aor, gone in expired.items():
+            keep = tuple(b for b in by_aor[aor] if b not in gone)
+            self._install(aor, keep)
+            self.stats["expired"] += len(gone)
+            log.info("event=contact_expired aor=%s contacts=%d", aor, len(gone))
+            self._enqueue(_Op(aor, None, tuple(gone), loop.create_future()))
+        self._arm_expiry()
+
+    # ------------------------------------------------------------------------- start-up
+    async def load(self) -> int:
+        """Load every unexpired binding (start-up); drop rows that expired meanwhile.
+
+        Bindings that expired while no node was running are deleted without events.
+        Returns the number of bindings loaded.
+        """
+        now = self.clock()
+        async with self.pool.acquire() as conn:
+            await conn.execute("DELETE FROM location WHERE expires_at <= to_timestamp($1)", now)
+            rows = await conn.fetch(
+                f"SELECT {_SELECT_COLUMNS} FROM location WHERE expires_at > to_timestamp($1) "
+                "ORDER BY aor, received_at",
+                now,
+            )
+        self._replace_all(rows)
+        log.info("event=location_loaded aors=%d bindings=%d", len(self._by_aor), self._count)
+        return self._count
+
+    def _replace_all(self, rows: Iterable[Any]) -> None:
+        grouped: dict[str, list[Binding]] = {}
+        for row in rows:
+            b = self.binding_from_row(row)
+            group = grouped.get(b.aor)
+            if group is None:
+                grouped[b.aor] = [b]
+            else:
+                b.aor = group[0].aor  # one string per AoR
+                group.append(b)
+        for aor in [a for a in self._by_aor if a not in grouped and a not in self._inflight]:
+            self._install(aor, ())
+        for aor, bindings in grouped.items():
+            if aor not in self._inflight:
+                self._install(aor, tuple(bindings))
+        self._arm_expiry()
+
+    # ------------------------------------------------------------------------- other nodes
+    async def listen(self) -> None:
+        """LISTEN on ``location_changed`` so changes made by other nodes/workers show here."""
+        conn = await self.pool.acquire()
+        try:
+            await conn.add_listener(self.CHANNEL, self._on_notify)
+            conn.add_termination_listener(self._on_listen_lost)
+        except BaseException:
+            await self.pool.release(conn)
+            raise
+        self._listen_conn = conn
+
+    def _on_notify(self, _conn: object, pid: int, _channel: str, payload: object) -> None:
+        if pid in self._own_pids or self._closed:
+            return
+        aor = str(payload)
+        if aor in self._reloads:
+            self._reloads[aor] = True
+            return
+        self._reloads[aor] = False
+        self._spawn(self._reload(aor))
+
+    async def _reload(self, aor: str) -> None:
+        """Replace ``aor``'s bindings by what the database holds now (no events)."""
+        try:
+            while True:
+                while (pending := self._inflight.get(aor)) is not None:
+                    await asyncio.wait((pending,))
+                marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                self._inflight[aor] = marker
+                try:
+                    async with asyncio.timeout(self.write_timeout), self.pool.acquire() as conn:
+                        rows = await conn.fetch(
+                            f"SELECT {_SELECT_COLUMNS} FROM location "
+                            "WHERE aor = $1 AND expires_at > to_timestamp($2) "
+                            "ORDER BY received_at",
+                            aor,
+                            self.clock(),
+                        )
+                    bindings = tuple(self.binding_from_row(r) for r in rows)
+                    for b in bindings:
+                        b.aor = aor
+                    self._install(aor, bindings)
+                    self._arm_expiry()
+                    self.stats["reloads"] += 1
+                except Exception as exc:
+                    log.error("event=location_reload_failed aor=%s error=%r", aor, exc)
+                finally:
+                    if self._inflight.get(aor) is marker:
+                        del self._inflight[aor]
+                    marker.set_result(None)
+                if not self._reloads.get(aor):
+                    break
+                self._reloads[aor] = False
+        finally:
+            self._reloads.pop(aor, None)
+
+    def _on_listen_lost(self, _conn: object) -> None:
+        if self._closed:
+            return
+        log.warning("event=location_listen_lost")
+        self._listen_conn = None
+        self._spawn(self._relisten())
+
+    async def _relisten(self) -> None:
+        """Listen again and reload everything: notifications sent meanwhile were lost."""
+        delay = 0.5
+        while not self._closed:
+            try:
+                await self.listen()
+                await self.resync()
+                return
+            except Exception as exc:
+                log.error("event=location_relisten_failed error=%r retry_in=%.1f", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def resync(self) -> None:
+        """Reload every binding from the database (after a lost LISTEN connection)."""
+        async with asyncio.timeout(max(self.write_timeout, 30.0)), self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_SELECT_COLUMNS} FROM location WHERE expires_at > to_timestamp($1) "
+                "ORDER BY aor, received_at",
+                self.clock(),
+            )
+        self._replace_all(rows)
+        self.stats["resyncs"] += 1
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------------- shutdown
+    async def close(self) -> None:
+        """Write what is queued, stop the timers and the listener."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+            self._start_flush()
+        while self._flush_task is not None:
+            await asyncio.wait((self._flush_task,))
+        self._closed = True
+        if self._expiry_handle is not None:
+            self._expiry_handle.cancel()
+            self._expiry_handle = self._expiry_at = None
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        conn, self._listen_conn = self._listen_conn, None
+        if conn is not None:
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                conn.remove_termination_listener(self._on_listen_lost)
+                await conn.remove_listener(self.CHANNEL, self._on_notify)
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await self.pool.release(conn)
+
+
+def _row_values(b: Binding) -> tuple[Any, ...]:
+    """One ``location`` row, in ``_FLUSH_SQL``'s unnest column order."""
+    source = b.source
+    return (
+        b.aor,
+        b.contact,
+        source.transport,
+        source.host,
+        source.port,
+        b.expires_at,
+        b.q,
+        b.call_id,
+        b.cseq,
+        ", ".join(b.path),
+        b.user_agent,
+        b.instance,
+        b.reg_id,
+        b.received_at,
+    )

@@ -1,0 +1,325 @@
+"""LocationService against a real PostgreSQL: write-through, group commit, expiry, restart,
+LISTEN/NOTIFY between two instances ("nodes"), and failure handling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from sipcore.errors import SipParseError
+from sipcore.location import (
+    Binding,
+    BindingChange,
+    ContactExpired,
+    ContactRemoved,
+    LocationService,
+    LocationWriteError,
+    aor_of,
+)
+from sipcore.pipeline import EventBus
+from sipcore.transport_types import Peer
+from sipcore.uri import parse_uri
+
+SOURCE = Peer("UDP", "198.51.100.7", 40123)
+
+
+class Events:
+    def __init__(self, bus: EventBus) -> None:
+        self.seen: list[object] = []
+        for kind in (ContactExpired, ContactRemoved):
+            bus.subscribe(kind, self.seen.append)
+
+
+@pytest.fixture
+async def clean(db_pool: asyncpg.Pool) -> None:
+    await db_pool.execute("DELETE FROM location")
+
+
+@pytest.fixture
+async def bus() -> EventBus:
+    return EventBus()
+
+
+@pytest.fixture
+async def location(db_pool: asyncpg.Pool, bus: EventBus, clean: None) -> AsyncIterator[
+    LocationService
+]:
+    service = LocationService(db_pool, bus)
+    await service.load()
+    yield service
+    await service.close()
+
+
+def binding(aor: str, contact: str, expires_in: float = 3600, **kw: object) -> Binding:
+    now = time.time()
+    return Binding(aor, contact, SOURCE, now + expires_in, received_at=now, call_id="c@x",
+                   cseq=1, **kw)  # type: ignore[arg-type]
+
+
+def add(*bindings: Binding) -> object:
+    def plan(current: tuple[Binding, ...]) -> BindingChange:
+        return BindingChange((*current, *bindings), added=bindings)
+
+    return plan
+
+
+async def db_rows(pool: asyncpg.Pool, aor: str) -> list[str]:
+    rows = await pool.fetch("SELECT contact FROM location WHERE aor = $1 ORDER BY contact", aor)
+    return [r["contact"] for r in rows]
+
+
+# ------------------------------------------------------------------------------------ aor_of
+
+
+def test_aor_of_canonicalises() -> None:
+    assert aor_of("sip:alice@Example.COM:5070;transport=tcp?subject=x") == "sip:alice@example.com"
+    assert aor_of("sips:alice@example.com") == "sip:alice@example.com"
+    assert aor_of("sip:%61lice@example.com") == "sip:alice@example.com"  # unescaped
+    assert aor_of("sip:Alice@example.com") == "sip:Alice@example.com"  # user keeps its case
+    assert aor_of(parse_uri("sip:1001@example.com;user=phone")) == "sip:1001@example.com"
+    assert aor_of("sip:example.com") == "sip:example.com"
+    with pytest.raises(ValueError):
+        aor_of("tel:+15551234")
+    with pytest.raises(SipParseError):
+        aor_of("mailto:alice@example.com")
+
+
+# ------------------------------------------------------------------------------------ writes
+
+
+async def test_update_writes_through_and_indexes(
+    location: LocationService, db_pool: asyncpg.Pool
+) -> None:
+    aor = "sip:alice@example.com"
+    b1 = binding(aor, "sip:alice@10.0.0.7:5060", q=0.5, path=("<sip:edge.example.net;lr>",))
+    change = await location.update(aor, add(b1))  # type: ignore[arg-type]
+    assert change.bindings == (b1,)
+    assert location.lookup(aor) == (b1,)
+    assert location.lookup_contact("sip:alice@10.0.0.7:5060") is b1
+    assert (location.aor_count, location.binding_count) == (1, 1)
+    row = await db_pool.fetchrow(
+        "SELECT *, extract(epoch FROM expires_at)::float8 AS e FROM location WHERE aor = $1", aor
+    )
+    assert row is not None
+    assert (row["transport"], row["source_host"], row["source_port"]) == (
+        "UDP", "198.51.100.7", 40123,
+    )
+    assert row["q"] == 0.5 and row["path"] == "<sip:edge.example.net;lr>"
+    assert abs(row["e"] - b1.expires_at) < 1e-3
+    dumped = location.dump()
+    assert dumped[aor][0]["contact"] == "sip:alice@10.0.0.7:5060"
+    assert 3590 <= dumped[aor][0]["expires"] <= 3600
+
+
+async def test_plan_returning_none_writes_nothing(location: LocationService) -> None:
+    change = await location.update("sip:nobody@example.com", lambda current: None)
+    assert change.bindings == () and not change.changed
+    assert location.stats["flushes"] == 0
+
+
+async def test_concurrent_updates_share_one_flush(
+    db_pool: asyncpg.Pool, bus: EventBus, clean: None
+) -> None:
+    service = LocationService(db_pool, bus, flush_delay=0.005)
+    try:
+        aors = [f"sip:user{i}@example.com" for i in range(20)]
+        await asyncio.gather(
+            *(service.update(a, add(binding(a, f"sip:{i}@10.0.0.1")))  # type: ignore[arg-type]
+              for i, a in enumerate(aors))
+        )
+        assert service.stats["flushes"] == 1
+        assert service.stats["flushed_ops"] == 20
+        assert await db_pool.fetchval("SELECT count(*) FROM location") == 20
+    finally:
+        await service.close()
+
+
+async def test_updates_of_one_aor_are_serialised(location: LocationService) -> None:
+    aor = "sip:bob@example.com"
+
+    def adder(contact: str) -> object:
+        def plan(current: tuple[Binding, ...]) -> BindingChange:
+            b = binding(aor, contact)
+            return BindingChange((*current, b), added=(b,))
+
+        return plan
+
+    await asyncio.gather(
+        *(location.update(aor, adder(f"sip:bob@10.0.0.{i}")) for i in range(5))  # type: ignore[arg-type]
+    )
+    # Each plan saw the result of the one before: nothing was lost.
+    assert sorted(b.contact for b in location.lookup(aor)) == [
+        f"sip:bob@10.0.0.{i}" for i in range(5)
+    ]
+
+
+async def test_remove_emits_and_deletes_every_row(
+    location: LocationService, db_pool: asyncpg.Pool, bus: EventBus
+) -> None:
+    events = Events(bus)
+    aor = "sip:carol@example.com"
+    await location.update(aor, add(binding(aor, "sip:c@1"), binding(aor, "sip:c@2")))  # type: ignore[arg-type]
+    # A row another node wrote that this one never loaded goes too.
+    await db_pool.execute(
+        "INSERT INTO location (aor, contact, transport, source_host, source_port, expires_at,"
+        " call_id, cseq, received_at) VALUES ($1, 'sip:c@3', 'UDP', '1.2.3.4', 5060,"
+        " now() + interval '1 hour', 'x', 1, now())",
+        aor,
+    )
+    assert await location.remove(aor) == 2
+    assert location.lookup(aor) == () and location.lookup_contact("sip:c@1") is None
+    assert await db_rows(db_pool, aor) == []
+    assert [type(e) for e in events.seen] == [ContactRemoved, ContactRemoved]
+
+
+async def test_write_failure_changes_nothing(db_dsn: str, bus: EventBus, clean: None) -> None:
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=2)
+    assert pool is not None
+    service = LocationService(pool, bus)
+    aor = "sip:dave@example.com"
+    await service.update(aor, add(binding(aor, "sip:d@1")))  # type: ignore[arg-type]
+    await pool.close()
+    with pytest.raises(LocationWriteError):
+        await service.update(aor, add(binding(aor, "sip:d@2")))  # type: ignore[arg-type]
+    assert [b.contact for b in service.lookup(aor)] == ["sip:d@1"]
+    assert service.stats["flush_errors"] == 1
+    assert not service.busy(aor)
+    await service.close()
+
+
+# ------------------------------------------------------------------------------------ restart
+
+
+async def test_restart_loads_unexpired_bindings(
+    db_pool: asyncpg.Pool, bus: EventBus, clean: None
+) -> None:
+    first = LocationService(db_pool, bus)
+    aor = "sip:erin@example.com"
+    kept = binding(aor, "sip:e@1", q=0.25, path=("<sip:a;lr>", "<sip:b;lr>"), instance='"<urn:x>"',
+                   reg_id=1, user_agent="Phone/1.0")
+    await first.update(aor, add(kept))  # type: ignore[arg-type]
+    await first.close()
+    # A row that expired while the server was down is dropped at start-up.
+    await db_pool.execute(
+        "INSERT INTO location (aor, contact, transport, source_host, source_port, expires_at,"
+        " call_id, cseq, received_at) VALUES ($1, 'sip:e@old', 'UDP', '1.2.3.4', 5060,"
+        " now() - interval '1 second', 'x', 1, now())",
+        aor,
+    )
+    second = LocationService(db_pool, bus)
+    try:
+        assert await second.load() == 1
+        (loaded,) = second.lookup(aor)
+        assert loaded.contact == "sip:e@1" and loaded.source == SOURCE
+        assert loaded.q == 0.25 and loaded.path == ("<sip:a;lr>", "<sip:b;lr>")
+        assert (loaded.instance, loaded.reg_id, loaded.user_agent) == ('"<urn:x>"', 1, "Phone/1.0")
+        assert abs(loaded.expires_at - kept.expires_at) < 1e-3
+        assert second.lookup_contact("sip:e@1") is loaded
+        assert await db_rows(db_pool, aor) == ["sip:e@1"]
+    finally:
+        await second.close()
+
+
+# ------------------------------------------------------------------------------------ expiry
+
+
+async def test_expiry_removes_from_memory_and_db_and_emits(
+    location: LocationService, db_pool: asyncpg.Pool, bus: EventBus
+) -> None:
+    events = Events(bus)
+    aor = "sip:frank@example.com"
+    short = binding(aor, "sip:f@short", expires_in=0.3)
+    long = binding(aor, "sip:f@long", expires_in=3600)
+    await location.update(aor, add(short, long))  # type: ignore[arg-type]
+    await asyncio.sleep(0.6)
+    await _settle(location)
+    assert location.lookup(aor) == (long,)
+    assert location.lookup_contact("sip:f@short") is None
+    assert await db_rows(db_pool, aor) == ["sip:f@long"]
+    assert len(events.seen) == 1
+    expired = events.seen[0]
+    assert isinstance(expired, ContactExpired) and expired.binding is short
+    assert location.stats["expired"] == 1
+
+
+async def test_refresh_postpones_expiry_without_growing_the_heap(
+    location: LocationService, bus: EventBus
+) -> None:
+    events = Events(bus)
+    aor = "sip:gina@example.com"
+    await location.update(aor, add(binding(aor, "sip:g@1", expires_in=0.4)))  # type: ignore[arg-type]
+    for _ in range(5):
+        def refresh(current: tuple[Binding, ...]) -> BindingChange:
+            new = binding(aor, "sip:g@1", expires_in=0.8)
+            return BindingChange((new,), refreshed=(new,))
+
+        await location.update(aor, refresh)
+        assert len(location._heap) == 1  # the refresh inherited the pending entry
+    await asyncio.sleep(0.5)  # past the first expiry, not the refreshed one
+    assert len(location.lookup(aor)) == 1 and events.seen == []
+    await asyncio.sleep(0.6)
+    await _settle(location)
+    assert location.lookup(aor) == ()
+    assert [type(e) for e in events.seen] == [ContactExpired]
+
+
+async def test_shortened_expiry_is_honoured(location: LocationService, bus: EventBus) -> None:
+    events = Events(bus)
+    aor = "sip:hank@example.com"
+    await location.update(aor, add(binding(aor, "sip:h@1", expires_in=3600)))  # type: ignore[arg-type]
+
+    def shorten(current: tuple[Binding, ...]) -> BindingChange:
+        new = binding(aor, "sip:h@1", expires_in=0.2)
+        return BindingChange((new,), refreshed=(new,))
+
+    await location.update(aor, shorten)
+    await asyncio.sleep(0.4)
+    await _settle(location)
+    assert location.lookup(aor) == ()
+    assert [type(e) for e in events.seen] == [ContactExpired]
+
+
+async def _settle(location: LocationService) -> None:
+    """Wait for queued writes (the expiry deletes) to be flushed."""
+    for _ in range(100):
+        if not location._queue and location._flush_task is None:
+            return
+        await asyncio.sleep(0.01)
+
+
+# ------------------------------------------------------------------------------------ nodes
+
+
+async def test_other_node_learns_changes_by_notify(
+    db_pool: asyncpg.Pool, clean: None
+) -> None:
+    node_a = LocationService(db_pool, EventBus())
+    node_b = LocationService(db_pool, EventBus())
+    await node_a.load()
+    await node_b.load()
+    await node_a.listen()
+    await node_b.listen()
+    try:
+        aor = "sip:ivan@example.com"
+        b = binding(aor, "sip:i@1")
+        await node_a.update(aor, add(b))  # type: ignore[arg-type]
+        await _until(lambda: len(node_b.lookup(aor)) == 1)
+        assert node_b.lookup(aor)[0].contact == "sip:i@1"
+        assert node_a.stats["reloads"] == 0  # its own notification was recognised
+        await node_b.remove(aor)
+        await _until(lambda: node_a.lookup(aor) == ())
+    finally:
+        await node_a.close()
+        await node_b.close()
+
+
+async def _until(condition: object, timeout: float = 5.0) -> None:
+    assert callable(condition)
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
