@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
@@ -54,13 +54,27 @@ async def location(db_pool: asyncpg.Pool, bus: EventBus, clean: None) -> AsyncIt
     await service.close()
 
 
-def binding(aor: str, contact: str, expires_in: float = 3600, **kw: object) -> Binding:
+def binding(
+    aor: str,
+    contact: str,
+    expires_in: float = 3600,
+    *,
+    q: float = 1.0,
+    path: tuple[str, ...] = (),
+    instance: str | None = None,
+    reg_id: int | None = None,
+    user_agent: str = "",
+) -> Binding:
     now = time.time()
     return Binding(aor, contact, SOURCE, now + expires_in, received_at=now, call_id="c@x",
-                   cseq=1, **kw)  # type: ignore[arg-type]
+                   cseq=1, q=q, path=path, instance=instance, reg_id=reg_id,
+                   user_agent=user_agent)
 
 
-def add(*bindings: Binding) -> object:
+Plan = Callable[[tuple[Binding, ...]], BindingChange | None]
+
+
+def add(*bindings: Binding) -> Plan:
     def plan(current: tuple[Binding, ...]) -> BindingChange:
         return BindingChange((*current, *bindings), added=bindings)
 
@@ -96,7 +110,7 @@ async def test_update_writes_through_and_indexes(
 ) -> None:
     aor = "sip:alice@example.com"
     b1 = binding(aor, "sip:alice@10.0.0.7:5060", q=0.5, path=("<sip:edge.example.net;lr>",))
-    change = await location.update(aor, add(b1))  # type: ignore[arg-type]
+    change = await location.update(aor, add(b1))
     assert change.bindings == (b1,)
     assert location.lookup(aor) == (b1,)
     assert location.lookup_contact("sip:alice@10.0.0.7:5060") is b1
@@ -128,7 +142,7 @@ async def test_concurrent_updates_share_one_flush(
     try:
         aors = [f"sip:user{i}@example.com" for i in range(20)]
         await asyncio.gather(
-            *(service.update(a, add(binding(a, f"sip:{i}@10.0.0.1")))  # type: ignore[arg-type]
+            *(service.update(a, add(binding(a, f"sip:{i}@10.0.0.1")))
               for i, a in enumerate(aors))
         )
         assert service.stats["flushes"] == 1
@@ -141,7 +155,7 @@ async def test_concurrent_updates_share_one_flush(
 async def test_updates_of_one_aor_are_serialised(location: LocationService) -> None:
     aor = "sip:bob@example.com"
 
-    def adder(contact: str) -> object:
+    def adder(contact: str) -> Plan:
         def plan(current: tuple[Binding, ...]) -> BindingChange:
             b = binding(aor, contact)
             return BindingChange((*current, b), added=(b,))
@@ -149,7 +163,7 @@ async def test_updates_of_one_aor_are_serialised(location: LocationService) -> N
         return plan
 
     await asyncio.gather(
-        *(location.update(aor, adder(f"sip:bob@10.0.0.{i}")) for i in range(5))  # type: ignore[arg-type]
+        *(location.update(aor, adder(f"sip:bob@10.0.0.{i}")) for i in range(5))
     )
     # Each plan saw the result of the one before: nothing was lost.
     assert sorted(b.contact for b in location.lookup(aor)) == [
@@ -162,7 +176,7 @@ async def test_remove_emits_and_deletes_every_row(
 ) -> None:
     events = Events(bus)
     aor = "sip:carol@example.com"
-    await location.update(aor, add(binding(aor, "sip:c@1"), binding(aor, "sip:c@2")))  # type: ignore[arg-type]
+    await location.update(aor, add(binding(aor, "sip:c@1"), binding(aor, "sip:c@2")))
     # A row another node wrote that this one never loaded goes too.
     await db_pool.execute(
         "INSERT INTO location (aor, contact, transport, source_host, source_port, expires_at,"
@@ -181,10 +195,10 @@ async def test_write_failure_changes_nothing(db_dsn: str, bus: EventBus, clean: 
     assert pool is not None
     service = LocationService(pool, bus)
     aor = "sip:dave@example.com"
-    await service.update(aor, add(binding(aor, "sip:d@1")))  # type: ignore[arg-type]
+    await service.update(aor, add(binding(aor, "sip:d@1")))
     await pool.close()
     with pytest.raises(LocationWriteError):
-        await service.update(aor, add(binding(aor, "sip:d@2")))  # type: ignore[arg-type]
+        await service.update(aor, add(binding(aor, "sip:d@2")))
     assert [b.contact for b in service.lookup(aor)] == ["sip:d@1"]
     assert service.stats["flush_errors"] == 1
     assert not service.busy(aor)
@@ -201,7 +215,7 @@ async def test_restart_loads_unexpired_bindings(
     aor = "sip:erin@example.com"
     kept = binding(aor, "sip:e@1", q=0.25, path=("<sip:a;lr>", "<sip:b;lr>"), instance='"<urn:x>"',
                    reg_id=1, user_agent="Phone/1.0")
-    await first.update(aor, add(kept))  # type: ignore[arg-type]
+    await first.update(aor, add(kept))
     await first.close()
     # A row that expired while the server was down is dropped at start-up.
     await db_pool.execute(
@@ -234,7 +248,7 @@ async def test_expiry_removes_from_memory_and_db_and_emits(
     aor = "sip:frank@example.com"
     short = binding(aor, "sip:f@short", expires_in=0.3)
     long = binding(aor, "sip:f@long", expires_in=3600)
-    await location.update(aor, add(short, long))  # type: ignore[arg-type]
+    await location.update(aor, add(short, long))
     await asyncio.sleep(0.6)
     await _settle(location)
     assert location.lookup(aor) == (long,)
@@ -251,7 +265,7 @@ async def test_refresh_postpones_expiry_without_growing_the_heap(
 ) -> None:
     events = Events(bus)
     aor = "sip:gina@example.com"
-    await location.update(aor, add(binding(aor, "sip:g@1", expires_in=0.4)))  # type: ignore[arg-type]
+    await location.update(aor, add(binding(aor, "sip:g@1", expires_in=0.4)))
     for _ in range(5):
         def refresh(current: tuple[Binding, ...]) -> BindingChange:
             new = binding(aor, "sip:g@1", expires_in=0.8)
@@ -270,7 +284,7 @@ async def test_refresh_postpones_expiry_without_growing_the_heap(
 async def test_shortened_expiry_is_honoured(location: LocationService, bus: EventBus) -> None:
     events = Events(bus)
     aor = "sip:hank@example.com"
-    await location.update(aor, add(binding(aor, "sip:h@1", expires_in=3600)))  # type: ignore[arg-type]
+    await location.update(aor, add(binding(aor, "sip:h@1", expires_in=3600)))
 
     def shorten(current: tuple[Binding, ...]) -> BindingChange:
         new = binding(aor, "sip:h@1", expires_in=0.2)
@@ -306,7 +320,7 @@ async def test_other_node_learns_changes_by_notify(
     try:
         aor = "sip:ivan@example.com"
         b = binding(aor, "sip:i@1")
-        await node_a.update(aor, add(b))  # type: ignore[arg-type]
+        await node_a.update(aor, add(b))
         await _until(lambda: len(node_b.lookup(aor)) == 1)
         assert node_b.lookup(aor)[0].contact == "sip:i@1"
         assert node_a.stats["reloads"] == 0  # its own notification was recognised
@@ -317,8 +331,7 @@ async def test_other_node_learns_changes_by_notify(
         await node_b.close()
 
 
-async def _until(condition: object, timeout: float = 5.0) -> None:
-    assert callable(condition)
+async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"

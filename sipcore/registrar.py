@@ -1,0 +1,421 @@
+"""The registrar (RFC 3261 §10.3) and the location lookup of the proxy (§16.5).
+
+:class:`Registrar` is the REGISTRAR stage handler for REGISTER.  It follows §10.3 step by step:
+
+1. Only AoRs of our domains are served (the To URI's host); for any other domain the answer
+   is 403 and nothing is relayed -- this server is nobody's open registrar.
+2. ``Require`` is checked (§8.2.2.3): the only extension understood is ``path`` (RFC 3327),
+   anything else is 420 Bad Extension with ``Unsupported``.
+3. Authentication happened in the AUTH stage (:mod:`sipcore.auth`).
+4. The authenticated user must own the AoR (same user and domain), else 403.
+5. The AoR is the canonical To URI (:func:`~sipcore.location.aor_of`); a To URI without user
+   part names no AoR: 404.
+6. ``Contact: *`` is only valid with ``Expires: 0`` and alone (else 400); it removes every
+   binding, each subject to the Call-ID/CSeq rule of step 7.
+7. Each contact's interval is its ``expires`` parameter, else the Expires header, else
+   ``default_expires``; an interval that is not zero but below ``min_expires`` (and below an
+   hour) is refused with 423 Interval Too Brief and ``Min-Expires`` (§10.3, §20.23), one above
+   ``max_expires`` is shortened.  For an existing binding with the same Call-ID the CSeq must
+   be higher, else "the update MUST be aborted and the request fails": 500 (the status the
+   paragraph after it gives for a failed update), and nothing changes.  Expires 0 removes.
+   The change is all or nothing and is committed to the database before anything is
+   answered; if the commit fails the answer is 500 (§10.3: "If any one of them fails ... the
+   request MUST fail with a 500 (Server Error) response").
+8. The 200 OK lists every current binding with its ``expires`` (and ``q`` when not 1), a
+   ``Date`` header, the REGISTER's Path when the UA said ``Supported: path`` (RFC 3327 §5.3),
+   and the headers other modules put in ``ctx.response_headers`` (billing's balance).
+
+Policy choices: more than ``max_contacts`` bindings for one AoR is refused with 403 "Too Many
+Registered Contacts" (Kamailio answers 503, but 503 tells an RFC 3263 client to fail over to
+another server and retry later, which is wrong for a per-account limit that no other server
+would lift); a Path without ``Supported: path`` is stored and used but not echoed (RFC 3327
+§5.3 allows the registrar to accept it; an edge proxy that adds Path knows what it does).
+Contacts are compared as text, as Kamailio does, rather than by §19.1.4 URI equality, which is
+not transitive and so cannot key a store.  The binding records the transport address the
+REGISTER came from (RFC 3581), so requests reach a phone behind NAT where it registered from.
+
+:class:`LocationLookup` is the LOCATION stage handler: a Request-URI naming a local AoR gets a
+:class:`~sipcore.pipeline.Target` per live binding (sent to the binding's source address, with
+its Path), and a verdict in ``ctx.attrs["location"]``: ``"found"``, ``"offline"`` (a subscriber
+without bindings: 480 later) or ``"unknown"`` (no such subscriber: 404, or a number for the
+gateways).  It never answers itself, so msilo, gateways and the relay decide.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from email.utils import formatdate
+from typing import Final
+
+from sipcore.errors import SipParseError
+from sipcore.location import (
+    Binding,
+    BindingChange,
+    LocationService,
+    LocationWriteError,
+    aor_of,
+)
+from sipcore.pipeline import RequestContext, Target
+from sipcore.subscribers import SubscriberStore
+from sipcore.uri import SipUri
+
+__all__ = ["LocationLookup", "Registrar", "RegistrarSettings"]
+
+log = logging.getLogger("sipcore.registrar")
+
+#: RFC 3261 §10.3 step 7: 423 only for intervals "smaller than one hour".
+_ONE_HOUR: Final = 3600
+_USER_AGENT_MAX: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrarSettings:
+    """``[registrar]``: binding lifetimes in seconds and the per-AoR contact limit."""
+
+    default_expires: int = 3600  # when neither the contact nor the request says
+    min_expires: int = 60  # shorter (non-zero) requests get 423 with Min-Expires
+    max_expires: int = 7200  # longer requests are shortened to this
+    max_contacts: int = 10  # per AoR; a REGISTER adding more gets 403
+
+    def validate(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if self.min_expires < 1:
+            problems.append(("min_expires", "must be at least 1"))
+        if self.max_expires < self.min_expires:
+            problems.append(("max_expires", "must not be smaller than min_expires"))
+        if not self.min_expires <= self.default_expires <= self.max_expires:
+            problems.append(("default_expires", "must be between min_expires and max_expires"))
+        if self.max_contacts < 1:
+            problems.append(("max_contacts", "must be at least 1"))
+        return problems
+
+
+class _Reject(Exception):
+    """A final non-2xx answer to the REGISTER, with a metrics label."""
+
+    def __init__(
+        self, status: int, reason: str, label: str, headers: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.label = label
+        self.headers = headers
+
+
+class _Contact:
+    """One Contact of the REGISTER, validated."""
+
+    __slots__ = ("expires", "instance", "q", "reg_id", "uri")
+
+    def __init__(
+        self, uri: str, expires: int, q: float, instance: str | None, reg_id: int | None
+    ) -> None:
+        self.uri = uri
+        self.expires = expires
+        self.q = q
+        self.instance = instance
+        self.reg_id = reg_id
+
+
+# qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )  (RFC 3261 §25.1)
+_Q_CACHE: dict[str, float] = {}
+
+
+def _qvalue(text: str | None) -> float:
+    if text is None:
+        return 1.0
+    cached = _Q_CACHE.get(text)
+    if cached is not None:
+        return cached
+    whole, _, frac = text.partition(".")
+    if (
+        whole not in ("0", "1")
+        or len(frac) > 3
+        or (frac and not (frac.isascii() and frac.isdigit()))
+        or (whole == "1" and frac.strip("0"))
+    ):
+        raise _Reject(400, "Bad q Value", "bad_q")
+    value = float(text)
+    if len(_Q_CACHE) < 1000:
+        _Q_CACHE[text] = value  # the few values phones use are shared by every binding
+    return value
+
+
+def _format_q(q: float) -> str:
+    return f"{q:.3f}".rstrip("0").rstrip(".")
+
+
+def _storable(text: str) -> bool:
+    """Text PostgreSQL can store: headers are decoded with surrogate escapes, so a byte
+    sequence that is not UTF-8 would only fail in the database, failing a whole batch."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+class _HttpDate:
+    """RFC 3261 §20.17 Date (RFC 1123 form), formatted once per second."""
+
+    __slots__ = ("_second", "_text")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._text = ""
+
+    def __call__(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._text = formatdate(second, usegmt=True)
+        return self._text
+
+
+class Registrar:
+    """REGISTRAR stage handler for REGISTER: ``pipeline.add(Stage.REGISTRAR, registrar,
+    methods={"REGISTER"})``.  ``domains`` are the domains whose AoRs we keep."""
+
+    SUPPORTED: Final = frozenset({"path"})
+
+    def __init__(
+        self,
+        location: LocationService,
+        domains: Iterable[str],
+        settings: RegistrarSettings | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.location = location
+        self.domains = frozenset(d.lower() for d in domains)
+        self.settings = settings if settings is not None else RegistrarSettings()
+        problems = self.settings.validate()
+        if problems:
+            raise ValueError("; ".join(f"{k}: {v}" for k, v in problems))
+        self._clock = location.clock if clock is None else clock  # wall clock, like expiry
+        self._date = _HttpDate()
+        #: Outcomes by label ("ok", "423", "foreign_domain", ...) for metrics.
+        self.stats: Counter[str] = Counter()
+
+    async def __call__(self, ctx: RequestContext) -> bool:
+        if ctx.request.method != "REGISTER":
+            return False
+        try:
+            return await self._register(ctx)
+        except _Reject as rej:
+            self.stats[rej.label] += 1
+            log.info(
+                "event=register_rejected status=%d reason=%s call_id=%s source=%s",
+                rej.status, rej.label, ctx.request.call_id, ctx.source,
+            )
+            return ctx.reply(rej.status, rej.reason, rej.headers)
+        except SipParseError as exc:
+            self.stats["bad_request"] += 1
+            return ctx.reply(exc.status, exc.reason, exc.headers)
+        except LocationWriteError:
+            self.stats["db_error"] += 1
+            return ctx.reply(500, "Server Internal Error")
+
+    async def _register(self, ctx: RequestContext) -> bool:
+        req = ctx.request
+        settings = self.settings
+
+        # Steps 1, 5: our domain, an AoR with a user part.
+        to_uri = req.to_addr.parsed_uri
+        if not isinstance(to_uri, SipUri) or to_uri.host.lower() not in self.domains:
+            raise _Reject(403, "Domain Not Served Here", "foreign_domain")
+        if not to_uri.user:
+            raise _Reject(404, "Not Found", "no_aor")
+
+        # Step 2: extensions the UA requires of us.
+        required = req.header_values("Require")
+        if required:
+            unsupported = [tag for tag in required if tag.lower() not in self.SUPPORTED]
+            if unsupported:
+                raise _Reject(
+                    420, "Bad Extension", "bad_extension", [("Unsupported", ", ".join(unsupported))]
+                )
+
+        # Step 4: the authenticated identity must own the AoR.
+        if ctx.user is None or ctx.user != to_uri.user or (
+            (ctx.user_domain or "").lower() != to_uri.host.lower()
+        ):
+            raise _Reject(403, "Not Authorized For This AoR", "not_owner")
+        aor = aor_of(to_uri)
+
+        # Steps 6, 7: validate every contact before changing anything.
+        contacts = req.contacts
+        header_expires = req.expires
+        star = bool(contacts) and contacts[0].is_star
+        entries: dict[str, _Contact] = {}
+        if star:
+            if header_expires != 0:
+                raise _Reject(400, "Contact: * Requires Expires: 0", "bad_star")
+        else:
+            for contact in contacts:
+                uri = contact.uri
+                try:
+                    parsed = contact.parsed_uri
+                except SipParseError as exc:
+                    # 416 is about the Request-URI; a contact we cannot route to is a 400.
+                    raise _Reject(400, "Contact Must Be A SIP URI", "bad_contact") from exc
+                if not isinstance(parsed, SipUri):
+                    raise _Reject(400, "Contact Must Be A SIP URI", "bad_contact")
+                expires = contact.expires
+                if expires is None:
+                    expires = header_expires if header_expires is not None else (
+                        settings.default_expires
+                    )
+                if expires:
+                    if expires < settings.min_expires and expires < _ONE_HOUR:
+                        raise _Reject(
+                            423, "Interval Too Brief", "interval_too_brief",
+                            [("Min-Expires", str(settings.min_expires))],
+                        )
+                    if expires > settings.max_expires:
+                        expires = settings.max_expires
+                params = contact.params
+                instance = params.get("+sip.instance")
+                reg_id_text = params.get("reg-id")
+                reg_id = (
+                    int(reg_id_text)
+                    if reg_id_text is not None and reg_id_text.isascii()
+                    and reg_id_text.isdigit() and len(reg_id_text) < 10
+                    else None
+                )
+                if not _storable(uri) or (instance is not None and not _storable(instance)):
+                    raise _Reject(400, "Bad Contact", "bad_contact")
+                # A contact listed twice: the last one counts.
+                entries[uri] = _Contact(uri, expires, _qvalue(params.get("q")), instance, reg_id)
+
+        path = tuple(req.header_values("Path"))
+        user_agent = (req.header("User-Agent") or "")[:_USER_AGENT_MAX]
+        call_id = req.call_id
+        if not all(map(_storable, (call_id, user_agent, *path))):
+            raise _Reject(400, "Bad Header Encoding", "bad_encoding")
+        user_agent = self.location.shared_user_agent(user_agent)
+        cseq = req.cseq.number
+        source = ctx.source
+        now = self._clock()
+        max_contacts = settings.max_contacts
+
+        def plan(current: tuple[Binding, ...]) -> BindingChange | None:
+            # Runs with the AoR to itself (LocationService.update): current is up to date.
+            for existing in current:
+                if existing.call_id == call_id and cseq <= existing.cseq and (
+                    star or existing.contact in entries
+                ):
+                    raise _Reject(500, "Out Of Order Request", "out_of_order")
+            if star:
+                return BindingChange((), removed=current) if current else None
+            key = current[0].aor if current else aor  # one AoR string per AoR in memory
+            by_contact = {b.contact: b for b in current}
+            added: list[Binding] = []
+            refreshed: list[Binding] = []
+            removed: list[Binding] = []
+            for entry in entries.values():
+                old = by_contact.get(entry.uri)
+                if not entry.expires:
+                    if old is not None:
+                        removed.append(old)
+                        del by_contact[entry.uri]
+                    continue
+                binding = Binding(
+                    key, entry.uri, source, now + entry.expires, q=entry.q, call_id=call_id,
+                    cseq=cseq, path=path, user_agent=user_agent, instance=entry.instance,
+                    reg_id=entry.reg_id, received_at=now,
+                )
+                (added if old is None else refreshed).append(binding)
+                by_contact[entry.uri] = binding
+            if added and len(by_contact) > max_contacts:
+                raise _Reject(403, "Too Many Registered Contacts", "too_many_contacts")
+            if not (added or refreshed or removed):
+                return None
+            return BindingChange(
+                tuple(by_contact.values()), tuple(added), tuple(refreshed), tuple(removed)
+            )
+
+        change = await self.location.update(aor, plan)
+
+        # Step 8.
+        headers: list[tuple[str, str]] = []
+        for b in change.bindings:
+            value = f"<{b.contact}>;expires={b.expires_in(now)}"
+            if b.q != 1.0:
+                value += f";q={_format_q(b.q)}"
+            headers.append(("Contact", value))
+        if path and any(tag.lower() == "path" for tag in req.header_values("Supported")):
+            headers.extend(("Path", value) for value in path)
+        headers.append(("Date", self._date(now)))
+        headers.extend(ctx.response_headers)
+        self.stats["ok"] += 1
+        ctx.reply(200, "OK", headers)
+        # After the answer, so that listeners (msilo delivering stored messages) act on a
+        # phone that already knows it is registered.
+        bus = self.location.bus
+        for event in change.events(aor):
+            bus.emit(event)
+        return True
+
+
+class LocationLookup:
+    """LOCATION stage handler: ``pipeline.add(Stage.LOCATION, lookup)``, before the gateways.
+
+    For a Request-URI ``sip:user@<our domain>``: live bindings become ``ctx.targets`` (best q
+    first) and ``ctx.attrs["location"] = "found"``; otherwise ``"offline"`` for a subscriber
+    and ``"unknown"`` for anyone else.  ``ctx.attrs["aor"]`` holds the AoR.  Always returns
+    False: answering 480/404, storing messages and trying gateways belong to later handlers.
+    Requests for other domains, without a user part, or with a tel: URI are left untouched.
+    """
+
+    def __init__(
+        self,
+        location: LocationService,
+        subscribers: SubscriberStore,
+        domains: Iterable[str],
+    ) -> None:
+        self.location = location
+        self.subscribers = subscribers
+        self.domains = frozenset(d.lower() for d in domains)
+
+    def __call__(self, ctx: RequestContext) -> bool | Awaitable[bool]:
+        try:
+            uri = ctx.request.request_uri
+        except SipParseError as exc:
+            return ctx.reply(exc.status, exc.reason, exc.headers)
+        if not isinstance(uri, SipUri) or not uri.user:
+            return False
+        host = uri.host.lower()
+        if host not in self.domains:
+            return False
+        aor = aor_of(uri)
+        attrs = ctx.attrs
+        attrs["aor"] = aor
+        bindings = self.location.lookup(aor)
+        if bindings:
+            now = self.location.clock()
+            targets = [
+                Target(b.contact, b.source, b.q, b.path) for b in bindings if b.expires_at > now
+            ]
+            if targets:
+                if len(targets) > 1:
+                    targets.sort(key=_minus_q)  # stable: equal q keep registration order
+                ctx.targets = targets
+                attrs["location"] = "found"
+                return False
+        return self._offline_or_unknown(ctx, uri.user, host)
+
+    async def _offline_or_unknown(self, ctx: RequestContext, user: str, domain: str) -> bool:
+        known = await self.subscribers.get(user, domain) is not None
+        ctx.attrs["location"] = "offline" if known else "unknown"
+        return False
+
+
+def _minus_q(target: Target) -> float:
+    return -target.q
