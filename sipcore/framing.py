@@ -109,24 +109,36 @@ class StreamFramer:
         """Bytes held for a message not yet complete."""
         return len(self._buf)
 
+    @property
+    def failed(self) -> SipParseError | None:
+        """The error that broke the stream, if any (the connection should be closed)."""
+        return self._failed
+
     def feed(self, data: bytes) -> list[bytes]:
-        """Add bytes from the stream; return the messages completed by them, in order."""
+        """Add bytes from the stream; return the messages completed by them, in order.
+
+        If the data breaks the framing after some complete messages, those are returned and
+        the error is kept in :attr:`failed` and raised by the next call; otherwise it is
+        raised at once.
+        """
         if self._failed is not None:
             raise SipParseError(self._failed.status, self._failed.reason)
+        out: list[bytes] = []
         try:
-            return self._feed(data)
+            self._feed(data, out)
         except SipParseError as exc:
             self._failed = exc
-            raise
         except Exception as exc:  # never anything but SipParseError out of a framer
             self._failed = SipParseError(400, f"Unframeable stream ({type(exc).__name__})")
-            raise self._failed from exc
+            self._failed.__cause__ = exc
+        if self._failed is not None and not out:
+            raise self._failed
+        return out
 
-    def _feed(self, data: bytes) -> list[bytes]:
+    def _feed(self, data: bytes, out: list[bytes]) -> None:
         buf = self._buf
         buf += data
         n = len(buf)
-        out: list[bytes] = []
         pos = 0
         max_size = self.max_message_size
         while pos < n:
@@ -166,6 +178,7 @@ class StreamFramer:
             pos = self._body_end
             self._body_end = -1
             self._scan = pos
+        # Drop what has been consumed; offsets kept across calls are relative to the buffer.
         if pos:
             del buf[:pos]
             self._scan = max(0, self._scan - pos)
@@ -173,4 +186,3 @@ class StreamFramer:
                 self._body_end -= pos
         if len(buf) > self.max_buffer:
             raise SipParseError(513, "Too much buffered for one message")
-        return out

@@ -1037,14 +1037,14 @@ def stateless_error_reply(
             continue
         if line[:1] in (" ", "\t"):
             if current is not None:
-                current[-1] += " " + line.strip(" \t")
+                current[-1] += "\r\n" + line  # keep the fold: copied byte for byte
             continue
         name, colon, value = line.partition(":")
         name = name.strip(" \t")
         canon = COMPACT_FORMS.get(name.lower(), name.lower())
         current = wanted.get(canon) if colon else None
         if current is not None:
-            current.append(name + ": " + value.strip(" \t"))
+            current.append(line)
     if not wanted["via"]:
         return None
     if wanted["to"] and ";tag=" not in wanted["to"][0].replace(" ", "") and error.status > 100:
