@@ -22,10 +22,15 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from sipbill.control import ControlServer, MethodRegistry
+from sipbill.coremethods import register_core_methods
 from sipbill.db import EmbeddedPostgres, create_pool, migrate
 from sipbill.settings import Settings
-from sipcore.pipeline import EventBus, Pipeline
+from sipcore.gateways import Gateway, GatewayRouter
+from sipcore.location import LocationService
+from sipcore.pipeline import EventBus, Pipeline, Stage
 from sipcore.proxy import LocalIdentity, ProxyCore, ProxySettings
+from sipcore.registrar import LocationLookup, Registrar
 from sipcore.stack import SipStack
 from sipcore.subscribers import SubscriberStore
 from sipcore.transaction import TimerSettings, TransactionLayer
@@ -49,6 +54,7 @@ class AppContext:
     identity: LocalIdentity
     subscribers: SubscriberStore
     http: web.Application
+    location: LocationService
     started_at: float = field(default_factory=time.time)
     shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +68,7 @@ class Application:
         self.ctx: AppContext | None = None
         self.http_runner: web.AppRunner | None = None
         self.listening: list[str] = []
+        self.control: ControlServer | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -110,10 +117,22 @@ class Application:
         pipeline = Pipeline()
         events = EventBus()
         proxy = ProxyCore(stack, pipeline, events, identity,
-                          ProxySettings(timer_c=t.timer_c))
+                          ProxySettings(record_route=s.proxy.record_route, timer_c=t.timer_c))
+        location = LocationService(self.pool, events)
+        restored = await location.load()
+        await location.listen()
+        log.info("event=location_loaded bindings=%d", restored)
+        pipeline.add(Stage.REGISTRAR, Registrar(location, identity.domains, s.registrar),
+                     methods={"REGISTER"}, name="registrar")
+        pipeline.add(Stage.LOCATION, LocationLookup(location, subscribers, identity.domains),
+                     name="location")
+        gateways = [Gateway(g.name, g.host, g.port, g.transport.upper(), g.prefixes, g.strip,
+                            g.prepend) for g in s.proxy.gateways]
+        pipeline.add(Stage.LOCATION, GatewayRouter(gateways,
+                     international_prefix=s.proxy.international_prefix), name="gateways")
         http = web.Application()
         self.ctx = AppContext(s, self.pool, stack, pipeline, events, proxy, identity,
-                              subscribers, http)
+                              subscribers, http, location)
         http.router.add_get("/health", self._health)
         if s.http.enabled:
             self.http_runner = web.AppRunner(http, access_log=None)
@@ -122,6 +141,13 @@ class Application:
             site = web.TCPSite(self.http_runner, host, port, reuse_port=reuse or None)
             await site.start()
             self.listening.append(f"http:{host}:{port}")
+        if s.control.enabled:
+            registry = MethodRegistry()
+            register_core_methods(registry, self.ctx)
+            self.ctx.services["control_registry"] = registry
+            self.control = ControlServer(registry, s.control_socket_path)
+            await self.control.start()
+            self.listening.append(f"control:{s.control_socket_path}")
         for where in self.listening:
             log.info("event=listening address=%s", where)
         print("sipbill listening on " + ", ".join(self.listening), flush=True)
@@ -152,9 +178,12 @@ class Application:
                 except Exception:
                     log.exception("event=shutdown_hook_failed")
             await ctx.proxy.close()
+            await ctx.location.close()
             await ctx.stack.close()
             await ctx.events.drain()
             await ctx.subscribers.close()
+        if self.control is not None:
+            await self.control.close()
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         if self.pool is not None:

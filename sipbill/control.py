@@ -114,7 +114,8 @@ CLOSE_GRACE = 5.0  # seconds a closing connection may take to read its last repl
 SOCKET_MODE = 0o660
 DIRECTORY_MODE = 0o750
 
-_METHOD_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$")
+# ``module.method``; a few core methods (``stats``) are a bare word, like kamcmd's.
+_METHOD_NAME = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)*$")
 _REQUEST_KEYS = frozenset({"id", "method", "params"})
 _short = reprlib.Repr()
 _short.maxstring = 60
@@ -597,7 +598,7 @@ class MethodRegistry:
         mistake fails at start-up rather than on the first call.
         """
         if not _METHOD_NAME.match(name):
-            raise ValueError(f"method name {name!r} is not 'module.method' in lower case")
+            raise ValueError(f"method name {name!r} is not 'module.method' or 'word' in lower case")
         if name in self._methods:
             raise ValueError(f"method {name!r} is already registered")
         if not inspect.iscoroutinefunction(handler):

@@ -53,3 +53,4 @@ def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("asyncio").setLevel(logging.WARNING)
+    logging.getLogger("pgserver").setLevel(logging.WARNING)  # chatty at info

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sipbill.configschema import ConfigError, load_section, secret_field
+from sipcore.registrar import RegistrarSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 TransportName = Literal["udp", "tcp"]
@@ -222,6 +223,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     sip: SipSettings = field(default_factory=SipSettings)
     proxy: ProxySection = field(default_factory=ProxySection)
+    registrar: RegistrarSettings = field(default_factory=RegistrarSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     control: ControlSettings = field(default_factory=ControlSettings)

@@ -299,8 +299,9 @@ class ResponseContext:
         if status < 200:
             if self.is_invite and b.timer_c is not None and status > 100:
                 b.timer_c.cancel()
+                assert b.tx is not None
                 b.timer_c = self.core.loop.call_later(self.core.settings.timer_c,
-                                                      self._timer_c, tx)
+                                                      self._timer_c, b.tx)
             if status > 100 and not self.final_sent:
                 self._forward_upstream(response)
             return
@@ -369,9 +370,9 @@ class ResponseContext:
             return
         b.timer_c = None
         if b.status >= 100:
-            self.core.stack.cancel(tx)  # §16.8: CANCEL; the 487 completes the branch
-            # If the UAS never answers the CANCEL, treat the branch as timed out anyway.
-            b.timer_c = self.core.loop.call_later(64 * 0.5, self.transaction_failed, tx, "timeout")
+            # §16.8: CANCEL; the 487 completes the branch, or the transaction layer's CANCEL
+            # guard (64*T1) ends it as a timeout if the UAS never answers.
+            self.core.stack.cancel(tx)
         else:
             self.transaction_failed(tx, "timeout")
 
@@ -433,7 +434,7 @@ class ResponseContext:
         if status >= 200:
             self.ctx.replied = True
             self.ctx.final_status = status
-        self.core.stack.send_response(self.ctx.tx, data, status)  # type: ignore[arg-type]
+        self.core.stack.send_response(self.ctx.tx, data, status)
 
 
 def _raw_values(msg: Response | Request, name: str) -> list[str]:

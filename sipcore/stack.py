@@ -63,7 +63,7 @@ class SipStack:
         self.loop = self.transports.loop
         self.user: TransactionUser | None = None
         self.server_header = server_header
-        self._clients: dict[txn.TxKey, ClientCallback] = {}
+        self._clients: dict[txn.TxKey, ClientCallback] = {}  # keyed by client tx
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._pumping = False
@@ -132,14 +132,14 @@ class SipStack:
         self.pump()
 
     def send_request(self, data: bytes, request: Request, dest: Peer,
-                     owner: ClientCallback) -> txn.TxKey:
+                     owner: ClientCallback) -> txn.ClientTxKey:
         """Start a client transaction; ``owner`` hears its responses and failures."""
         tx = self.layer.send_request(data, request, dest, self.loop.time())
         self._clients[tx] = owner
         self.pump()
         return tx
 
-    def cancel(self, tx: txn.TxKey) -> None:
+    def cancel(self, tx: txn.ClientTxKey) -> None:
         """CANCEL the INVITE client transaction ``tx`` (§9.1; sent once it has a provisional)."""
         self.layer.cancel(tx, self.loop.time())
         self.pump()

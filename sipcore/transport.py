@@ -19,10 +19,11 @@ datagrams and TCP connections over them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from sipcore.errors import SipParseError
 from sipcore.framing import StreamFramer
@@ -59,8 +60,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.DatagramTransport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio's classes.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         self.owner.stats["udp_datagrams_in"] += 1
@@ -82,16 +83,15 @@ class _TcpConnection(asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         host, port = transport.get_extra_info("peername")[:2]
         self.peer = Peer("TCP", str(host), int(port))
         self.last_activity = self.owner.loop.time()
         if len(self.owner.connections) >= self.owner.limits.max_tcp_connections:
             self.owner.stats["tcp_refused_limit"] += 1
-            transport.abort()
+            self.transport.abort()
             return
-        transport.set_write_buffer_limits(high=self.owner.limits.max_tcp_buffer)
+        self.transport.set_write_buffer_limits(high=self.owner.limits.max_tcp_buffer)
         self.owner.connections[self.peer] = self
         self.owner.stats["tcp_connections_opened"] += 1
 
@@ -154,18 +154,18 @@ class Transports:
             )
         }
 
-    async def listen_udp(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+    async def listen_udp(
+        self, host: str, port: int, *, reuse_port: bool = False
+    ) -> tuple[str, int]:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # No SO_REUSEADDR: for UDP it would let a second server silently share the port.
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         # Big buffers absorb bursts (a registration storm) instead of dropping datagrams.
         for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
-            except OSError:
-                pass
         sock.bind((host, port))
         sock.setblocking(False)
         _, protocol = await self.loop.create_datagram_endpoint(
@@ -176,7 +176,9 @@ class Transports:
         self.local.setdefault("UDP", (str(bound[0]), int(bound[1])))
         return str(bound[0]), int(bound[1])
 
-    async def listen_tcp(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+    async def listen_tcp(
+        self, host: str, port: int, *, reuse_port: bool = False
+    ) -> tuple[str, int]:
         server = await self.loop.create_server(
             lambda: _TcpConnection(self), host, port, reuse_address=True,
             reuse_port=reuse_port or None, backlog=1024,
@@ -221,7 +223,7 @@ class Transports:
                 ),
                 self.limits.connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             self.stats["tcp_connect_failed"] += 1
             self._connecting.pop(peer, None)
             for _ in self._pending.pop(peer, []):
@@ -229,7 +231,6 @@ class Transports:
             return
         self._connecting.pop(peer, None)
         conn = proto
-        assert isinstance(conn, _TcpConnection)
         # The connection registered itself under its real peer address; make the name we
         # dialled find it too (they are the same unless the host was not a literal).
         self.connections.setdefault(peer, conn)
