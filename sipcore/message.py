@@ -814,8 +814,11 @@ def _parse(data: bytes, stream: bool) -> Request | Response:
         if not top:
             raise SipParseError(400, "Empty Via value")
     msg._top_via = parse_via(top)
-    msg._from = parse_name_addr(_field_value(lines[pos["from"]]))
-    msg._to = parse_name_addr(_field_value(lines[pos["to"]]))
+    msg._from = from_addr = parse_name_addr(_field_value(lines[pos["from"]]))
+    msg._to = to_addr = parse_name_addr(_field_value(lines[pos["to"]]))
+    # tag-param = "tag" EQUAL token: a bare ";tag" would read as "no tag" in dialog matching.
+    if from_addr.params.get("tag", "") is None or to_addr.params.get("tag", "") is None:
+        raise SipParseError(400, "tag parameter without a value")
 
     mf_index = pos.get("max-forwards")
     if mf_index is not None:
