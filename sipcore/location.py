@@ -98,6 +98,10 @@ def aor_of(uri: str | SipUri | TelUri) -> str:
     parsed = parse_uri(uri) if isinstance(uri, str) else uri
     if isinstance(parsed, TelUri):
         raise ValueError(f"a tel: URI has no address-of-record: {parsed}")
+    user = parsed.user
+    if user is not None and user.isascii() and user.isalnum():
+        # The usual case (numbers, plain names): nothing to escape, skip the general path.
+        return f"sip:{user}@{parsed.host.lower()}"
     aor = parsed.aor  # scheme:user@host, unescaped then canonically escaped, host lower-cased
     return aor if parsed.scheme == "sip" else "sip" + aor[len(parsed.scheme) :]
 
@@ -415,7 +419,8 @@ class LocationService:
         """The binding whose contact URI is exactly ``uri`` (e.g. an in-dialog Request-URI).
 
         Contacts are compared as text, as the registrar does.  If two AoRs bound the same
-        contact URI, the one written last is found.
+        contact URI, the one written last is found; removing that one unindexes the contact
+        until the other binding is next refreshed.
         """
         return self._by_contact.get(uri)
 
