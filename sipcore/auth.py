@@ -234,7 +234,9 @@ class DigestAuth:
                 self.stats["identity_mismatch"] += 1
                 log.info(
                     "event=auth_identity_mismatch source=%s user=%r claimed=%r",
-                    ctx.source, creds.username[:64], (user or "")[:64],
+                    ctx.source,
+                    creds.username[:64],
+                    (user or "")[:64],
                 )
                 return ctx.reply(403, "Credentials Do Not Match The Identity")
             self.stats["ok"] += 1
@@ -254,7 +256,10 @@ class DigestAuth:
         self._count_failure(source, user_key, mono)
         log.info(
             "event=auth_failed source=%s user=%r realm=%s reason=%s",
-            ctx.source, creds.username[:64], realm, result.reason,
+            ctx.source,
+            creds.username[:64],
+            realm,
+            result.reason,
         )
         return self._challenge(ctx, realm, now, proxy, stale=False)
 
@@ -282,7 +287,9 @@ class DigestAuth:
         if key not in blocked:
             log.warning(
                 "event=auth_blocked kind=%s key=%r seconds=%s",
-                kind, key[:100], self.settings.block_seconds,
+                kind,
+                key[:100],
+                self.settings.block_seconds,
             )
         blocked[key] = mono + self.settings.block_seconds
         blocked.move_to_end(key)

@@ -438,9 +438,7 @@ class LocationService:
     def dump(self, aor: str | None = None) -> dict[str, list[dict[str, Any]]]:
         """All bindings (or those of ``aor``) as plain data, keyed by AoR (``ul.dump``)."""
         now = self.clock()
-        items = (
-            self._by_aor.items() if aor is None else [(aor, self._by_aor.get(aor, ()))]
-        )
+        items = self._by_aor.items() if aor is None else [(aor, self._by_aor.get(aor, ()))]
         return {a: [b.as_dict(now) for b in bs] for a, bs in items if bs}
 
     def busy(self, aor: str) -> bool:
@@ -529,9 +527,7 @@ class LocationService:
                 rows = await conn.fetch(_FLUSH_SQL, *args)
         except BaseException as exc:
             self.stats["flush_errors"] += 1
-            log.error(
-                "event=location_flush_failed ops=%d error=%s", len(batch), type(exc).__name__
-            )
+            log.error("event=location_flush_failed ops=%d error=%s", len(batch), type(exc).__name__)
             self._fail(batch, exc)
             if not isinstance(exc, Exception):
                 raise  # cancelled: the service is closing

@@ -212,7 +212,10 @@ class Registrar:
             self.stats[rej.label] += 1
             log.info(
                 "event=register_rejected status=%d reason=%s call_id=%s source=%s",
-                rej.status, rej.label, ctx.request.call_id, ctx.source,
+                rej.status,
+                rej.label,
+                ctx.request.call_id,
+                ctx.source,
             )
             return ctx.reply(rej.status, rej.reason, rej.headers)
         except SipParseError as exc:
@@ -243,8 +246,10 @@ class Registrar:
                 )
 
         # Step 4: the authenticated identity must own the AoR.
-        if ctx.user is None or ctx.user != to_uri.user or (
-            (ctx.user_domain or "").lower() != to_uri.host.lower()
+        if (
+            ctx.user is None
+            or ctx.user != to_uri.user
+            or ((ctx.user_domain or "").lower() != to_uri.host.lower())
         ):
             raise _Reject(403, "Not Authorized For This AoR", "not_owner")
         aor = aor_of(to_uri)
@@ -269,13 +274,15 @@ class Registrar:
                     raise _Reject(400, "Contact Must Be A SIP URI", "bad_contact")
                 expires = contact.expires
                 if expires is None:
-                    expires = header_expires if header_expires is not None else (
-                        settings.default_expires
+                    expires = (
+                        header_expires if header_expires is not None else (settings.default_expires)
                     )
                 if expires:
                     if expires < settings.min_expires and expires < _ONE_HOUR:
                         raise _Reject(
-                            423, "Interval Too Brief", "interval_too_brief",
+                            423,
+                            "Interval Too Brief",
+                            "interval_too_brief",
                             [("Min-Expires", str(settings.min_expires))],
                         )
                     if expires > settings.max_expires:
@@ -285,8 +292,10 @@ class Registrar:
                 reg_id_text = params.get("reg-id")
                 reg_id = (
                     int(reg_id_text)
-                    if reg_id_text is not None and reg_id_text.isascii()
-                    and reg_id_text.isdigit() and len(reg_id_text) < 10
+                    if reg_id_text is not None
+                    and reg_id_text.isascii()
+                    and reg_id_text.isdigit()
+                    and len(reg_id_text) < 10
                     else None
                 )
                 if not _storable(uri) or (instance is not None and not _storable(instance)):
@@ -308,8 +317,10 @@ class Registrar:
         def plan(current: tuple[Binding, ...]) -> BindingChange | None:
             # Runs with the AoR to itself (LocationService.update): current is up to date.
             for existing in current:
-                if existing.call_id == call_id and cseq <= existing.cseq and (
-                    star or existing.contact in entries
+                if (
+                    existing.call_id == call_id
+                    and cseq <= existing.cseq
+                    and (star or existing.contact in entries)
                 ):
                     raise _Reject(500, "Out Of Order Request", "out_of_order")
             if star:
@@ -327,9 +338,18 @@ class Registrar:
                         del by_contact[entry.uri]
                     continue
                 binding = Binding(
-                    key, entry.uri, source, now + entry.expires, q=entry.q, call_id=call_id,
-                    cseq=cseq, path=path, user_agent=user_agent, instance=entry.instance,
-                    reg_id=entry.reg_id, received_at=now,
+                    key,
+                    entry.uri,
+                    source,
+                    now + entry.expires,
+                    q=entry.q,
+                    call_id=call_id,
+                    cseq=cseq,
+                    path=path,
+                    user_agent=user_agent,
+                    instance=entry.instance,
+                    reg_id=entry.reg_id,
+                    received_at=now,
                 )
                 (added if old is None else refreshed).append(binding)
                 by_contact[entry.uri] = binding

@@ -38,8 +38,9 @@ class Recorder:
         body: bytes,
         to_tag: str | None,
     ) -> None:
-        data = build_response(ctx.request, status, reason, to_tag=to_tag, headers=headers,
-                              body=body)
+        data = build_response(
+            ctx.request, status, reason, to_tag=to_tag, headers=headers, body=body
+        )
         response = parse_message(data)
         assert isinstance(response, Response)
         self.responses.append(response)
@@ -96,18 +97,33 @@ def register(
     if expires is not None:
         extra.append(("Expires", str(expires)))
     return request(
-        "REGISTER", f"sip:{domain}", from_uri=aor, to_uri=aor, call_id=call_id, cseq=cseq,
+        "REGISTER",
+        f"sip:{domain}",
+        from_uri=aor,
+        to_uri=aor,
+        call_id=call_id,
+        cseq=cseq,
         headers=[*extra, *headers],
     )
 
 
-def context(req: Request, source: Peer = PHONE, recorder: Recorder | None = None,
-            *, user: str | None = None, user_domain: str | None = None) -> RequestContext:
+def context(
+    req: Request,
+    source: Peer = PHONE,
+    recorder: Recorder | None = None,
+    *,
+    user: str | None = None,
+    user_domain: str | None = None,
+) -> RequestContext:
     top = req.top_via
     tx = ServerTxKey(top.branch or "", top.host, top.port, req.method)
     return RequestContext(
-        request=req, source=source, tx=tx, replier=recorder if recorder is not None else
-        Recorder(), user=user, user_domain=user_domain,
+        request=req,
+        source=source,
+        tx=tx,
+        replier=recorder if recorder is not None else Recorder(),
+        user=user,
+        user_domain=user_domain,
     )
 
 
@@ -131,6 +147,11 @@ def answer(
     challenge = select_challenge(challenge_response.header_values(name), algorithms=algorithms)
     assert challenge is not None
     return build_authorization(
-        challenge, method=req.method, uri=req.uri, username=username, password=password,
-        nc=nc, cnonce=cnonce,
+        challenge,
+        method=req.method,
+        uri=req.uri,
+        username=username,
+        password=password,
+        nc=nc,
+        cnonce=cnonce,
     )

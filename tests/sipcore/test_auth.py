@@ -34,8 +34,14 @@ class Harness:
         self.wall = Clock(1_700_000_000.0)
         self.mono = Clock(1000.0)
         self.nonces = NonceIssuer(b"s" * 32, ttl=settings.nonce_ttl)
-        self.auth = DigestAuth(subscribers, self.nonces, realms_for_domains([DOMAIN]), settings,
-                               clock=self.wall, monotonic=self.mono)
+        self.auth = DigestAuth(
+            subscribers,
+            self.nonces,
+            realms_for_domains([DOMAIN]),
+            settings,
+            clock=self.wall,
+            monotonic=self.mono,
+        )
 
     async def run(self, req: Request, source: Peer = PHONE) -> tuple[bool, RequestContext]:
         ctx = context(req, source)
@@ -60,8 +66,12 @@ async def subscribers(db_pool: asyncpg.Pool) -> SubscriberStore:
 
 @pytest.fixture
 def h(subscribers: SubscriberStore) -> Harness:
-    return Harness(subscribers, AuthSettings(source_failure_limit=5, user_failure_limit=8,
-                                             failure_window=60, block_seconds=120))
+    return Harness(
+        subscribers,
+        AuthSettings(
+            source_failure_limit=5, user_failure_limit=8, failure_window=60, block_seconds=120
+        ),
+    )
 
 
 def reg(cseq: int = 1, authorization: str | None = None, user: str = "alice") -> Request:
@@ -69,11 +79,22 @@ def reg(cseq: int = 1, authorization: str | None = None, user: str = "alice") ->
     return register(user, ["<sip:alice@10.0.0.7>"], cseq=cseq, headers=headers)
 
 
-def invite(cseq: int = 1, proxy_authorization: str | None = None,
-           from_uri: str = AOR, header: str = "Proxy-Authorization") -> Request:
+def invite(
+    cseq: int = 1,
+    proxy_authorization: str | None = None,
+    from_uri: str = AOR,
+    header: str = "Proxy-Authorization",
+) -> Request:
     headers = [(header, proxy_authorization)] if proxy_authorization else []
-    return request("INVITE", f"sip:bob@{DOMAIN}", from_uri=from_uri, to_uri=f"sip:bob@{DOMAIN}",
-                   call_id="inv-1@phone", cseq=cseq, headers=headers)
+    return request(
+        "INVITE",
+        f"sip:bob@{DOMAIN}",
+        from_uri=from_uri,
+        to_uri=f"sip:bob@{DOMAIN}",
+        call_id="inv-1@phone",
+        cseq=cseq,
+        headers=headers,
+    )
 
 
 async def authenticated(h: Harness, req: Request, source: Peer = PHONE) -> RequestContext:
@@ -99,8 +120,12 @@ async def test_register_gets_401_with_sha256_and_md5_challenges(h: Harness) -> N
 async def test_md5_only_client_registers(h: Harness) -> None:
     first = reg(cseq=1)
     challenge = await h.reply_to(first)
-    second = reg(cseq=2, authorization=answer(challenge, first, username="alice",
-                                              password=PASSWORD, algorithms=("MD5",)))
+    second = reg(
+        cseq=2,
+        authorization=answer(
+            challenge, first, username="alice", password=PASSWORD, algorithms=("MD5",)
+        ),
+    )
     assert "algorithm=MD5" in (second.header("Authorization") or "")
     ctx = await authenticated(h, second)
     assert (ctx.user, ctx.user_domain) == ("alice", DOMAIN)
@@ -110,8 +135,12 @@ async def test_md5_only_client_registers(h: Harness) -> None:
 async def test_sha256_client_registers(h: Harness) -> None:
     first = reg(cseq=1)
     challenge = await h.reply_to(first)
-    second = reg(cseq=2, authorization=answer(challenge, first, username="alice",
-                                              password=PASSWORD, algorithms=("SHA-256",)))
+    second = reg(
+        cseq=2,
+        authorization=answer(
+            challenge, first, username="alice", password=PASSWORD, algorithms=("SHA-256",)
+        ),
+    )
     assert "algorithm=SHA-256" in (second.header("Authorization") or "")
     ctx = await authenticated(h, second)
     assert ctx.user == "alice"
@@ -120,18 +149,33 @@ async def test_sha256_client_registers(h: Harness) -> None:
 async def test_wrong_password_and_unknown_user_look_the_same(h: Harness) -> None:
     first = reg()
     challenge = await h.reply_to(first)
-    wrong = await h.reply_to(reg(cseq=2, authorization=answer(
-        challenge, first, username="alice", password="guess")))
+    wrong = await h.reply_to(
+        reg(cseq=2, authorization=answer(challenge, first, username="alice", password="guess"))
+    )
     unknown_req = register("mallory", ["<sip:m@10.0.0.9>"], cseq=1)
     unknown_challenge = await h.reply_to(unknown_req)
-    unknown = await h.reply_to(register("mallory", ["<sip:m@10.0.0.9>"], cseq=2, headers=[(
-        "Authorization", answer(unknown_challenge, unknown_req, username="mallory",
-                                password="guess"))]))
+    unknown = await h.reply_to(
+        register(
+            "mallory",
+            ["<sip:m@10.0.0.9>"],
+            cseq=2,
+            headers=[
+                (
+                    "Authorization",
+                    answer(unknown_challenge, unknown_req, username="mallory", password="guess"),
+                )
+            ],
+        )
+    )
 
     def shape(resp: Response) -> object:
         challenges = [parse_challenge(v) for v in resp.header_values("WWW-Authenticate")]
-        return (resp.status, resp.reason, [n for n, _ in resp.header_items()],
-                [(c.realm, c.algorithm, c.qop, c.stale, c.opaque) for c in challenges])
+        return (
+            resp.status,
+            resp.reason,
+            [n for n, _ in resp.header_items()],
+            [(c.realm, c.algorithm, c.qop, c.stale, c.opaque) for c in challenges],
+        )
 
     assert shape(wrong) == shape(unknown)
     assert wrong.status == 401  # never 403/404: nothing tells which users exist
@@ -141,15 +185,17 @@ async def test_expired_nonce_gets_stale_true(h: Harness) -> None:
     first = reg()
     challenge = await h.reply_to(first)
     h.wall.t += 301  # past nonce_ttl
-    resp = await h.reply_to(reg(cseq=2, authorization=answer(
-        challenge, first, username="alice", password=PASSWORD)))
+    resp = await h.reply_to(
+        reg(cseq=2, authorization=answer(challenge, first, username="alice", password=PASSWORD))
+    )
     assert resp.status == 401
     challenges = [parse_challenge(v) for v in resp.header_values("WWW-Authenticate")]
     assert all(c.stale for c in challenges)
     # The phone retries with the new nonce without asking its user.
     retry = reg(cseq=3)
-    ctx = await authenticated(h, reg(cseq=3, authorization=answer(
-        resp, retry, username="alice", password=PASSWORD)))
+    ctx = await authenticated(
+        h, reg(cseq=3, authorization=answer(resp, retry, username="alice", password=PASSWORD))
+    )
     assert ctx.user == "alice"
 
 
@@ -163,16 +209,26 @@ async def test_replayed_nonce_count_is_refused(h: Harness) -> None:
     assert resp.status == 401
     assert all(parse_challenge(v).stale for v in resp.header_values("WWW-Authenticate"))
     # The real client counts up and goes on.
-    await authenticated(h, reg(cseq=3, authorization=answer(
-        challenge, first, username="alice", password=PASSWORD, nc=2, cnonce="abc")))
+    await authenticated(
+        h,
+        reg(
+            cseq=3,
+            authorization=answer(
+                challenge, first, username="alice", password=PASSWORD, nc=2, cnonce="abc"
+            ),
+        ),
+    )
 
 
 async def test_credentials_for_another_user_are_403(h: Harness) -> None:
     # bob authenticates correctly but registers alice's AoR.
     first = reg()
     challenge = await h.reply_to(first)
-    resp = await h.reply_to(reg(cseq=2, authorization=answer(
-        challenge, first, username="bob", password="bobs password")))
+    resp = await h.reply_to(
+        reg(
+            cseq=2, authorization=answer(challenge, first, username="bob", password="bobs password")
+        )
+    )
     assert resp.status == 403
 
 
@@ -193,8 +249,14 @@ async def test_uri_must_match_the_request_uri(h: Harness) -> None:
     first = reg()
     challenge = await h.reply_to(first)
     creds = answer(challenge, first, username="alice", password=PASSWORD)
-    other = request("REGISTER", "sip:other.example.com", from_uri=AOR, to_uri=AOR, cseq=2,
-                    headers=[("Authorization", creds), ("Contact", "<sip:a@1>")])
+    other = request(
+        "REGISTER",
+        "sip:other.example.com",
+        from_uri=AOR,
+        to_uri=AOR,
+        cseq=2,
+        headers=[("Authorization", creds), ("Contact", "<sip:a@1>")],
+    )
     assert (await h.reply_to(other)).status == 401
 
 
@@ -207,8 +269,9 @@ async def test_invite_from_local_user_gets_407_then_passes(h: Harness) -> None:
     assert challenge.status == 407
     assert len(challenge.header_values("Proxy-Authenticate")) == 2
     assert not challenge.has_header("WWW-Authenticate")
-    second = invite(cseq=2, proxy_authorization=answer(challenge, first, username="alice",
-                                                       password=PASSWORD))
+    second = invite(
+        cseq=2, proxy_authorization=answer(challenge, first, username="alice", password=PASSWORD)
+    )
     ctx = await authenticated(h, second)
     assert ctx.user == "alice"
     assert ctx.attrs["remove_headers"] == {"Proxy-Authorization"}
@@ -219,8 +282,11 @@ async def test_invite_with_authorization_instead_of_proxy_authorization_is_chall
 ) -> None:
     first = invite()
     challenge = await h.reply_to(first)
-    wrong_header = invite(cseq=2, header="Authorization", proxy_authorization=answer(
-        challenge, first, username="alice", password=PASSWORD))
+    wrong_header = invite(
+        cseq=2,
+        header="Authorization",
+        proxy_authorization=answer(challenge, first, username="alice", password=PASSWORD),
+    )
     assert (await h.reply_to(wrong_header)).status == 407
 
 
@@ -254,8 +320,15 @@ async def _fail_once(h: Harness, source: Peer, cseq: int, user: str = "alice") -
     challenge = await h.reply_to(first, source)
     if challenge.status != 401:
         return challenge
-    return await h.reply_to(register(user, ["<sip:x@1>"], cseq=cseq + 1, headers=[(
-        "Authorization", answer(challenge, first, username=user, password="wrong"))]), source)
+    return await h.reply_to(
+        register(
+            user,
+            ["<sip:x@1>"],
+            cseq=cseq + 1,
+            headers=[("Authorization", answer(challenge, first, username=user, password="wrong"))],
+        ),
+        source,
+    )
 
 
 async def test_too_many_failures_from_a_source_block_it(h: Harness) -> None:
@@ -268,8 +341,7 @@ async def test_too_many_failures_from_a_source_block_it(h: Harness) -> None:
     first = reg()
     challenge = await h.reply_to(first)  # from the real phone: unaffected
     assert challenge.status == 401
-    good = reg(cseq=2, authorization=answer(challenge, first, username="alice",
-                                            password=PASSWORD))
+    good = reg(cseq=2, authorization=answer(challenge, first, username="alice", password=PASSWORD))
     assert (await h.reply_to(good, attacker)).status == 403
     await authenticated(h, good)
     assert "192.0.2.66" in h.auth.blocked()
@@ -282,18 +354,38 @@ async def test_too_many_failures_for_a_user_block_the_user(h: Harness) -> None:
         await _fail_once(h, Peer("UDP", f"192.0.2.{i + 1}", 5060), 10 * i, user="bob")
     first = register("bob", ["<sip:b@1>"])
     challenge = await h.reply_to(first)
-    resp = await h.reply_to(register("bob", ["<sip:b@1>"], cseq=2, headers=[(
-        "Authorization", answer(challenge, first, username="bob", password="bobs password"))]))
+    resp = await h.reply_to(
+        register(
+            "bob",
+            ["<sip:b@1>"],
+            cseq=2,
+            headers=[
+                (
+                    "Authorization",
+                    answer(challenge, first, username="bob", password="bobs password"),
+                )
+            ],
+        )
+    )
     assert (resp.status, resp.reason) == (403, "Too Many Failures")
     assert h.auth.unblock(f"bob@{DOMAIN}")
-    resp_ok = register("bob", ["<sip:b@1>"], cseq=3, headers=[(
-        "Authorization", answer(challenge, first, username="bob", password="bobs password",
-                                nc=2))])
+    resp_ok = register(
+        "bob",
+        ["<sip:b@1>"],
+        cseq=3,
+        headers=[
+            (
+                "Authorization",
+                answer(challenge, first, username="bob", password="bobs password", nc=2),
+            )
+        ],
+    )
     await authenticated(h, resp_ok)
 
 
 def test_settings_are_validated() -> None:
     assert AuthSettings().validate() == []
-    problems = dict(AuthSettings(nonce_ttl=0, algorithms=("SHA-512",),
-                                 source_failure_limit=0).validate())
+    problems = dict(
+        AuthSettings(nonce_ttl=0, algorithms=("SHA-512",), source_failure_limit=0).validate()
+    )
     assert set(problems) == {"nonce_ttl", "algorithms", "source_failure_limit"}

@@ -45,9 +45,9 @@ async def bus() -> EventBus:
 
 
 @pytest.fixture
-async def location(db_pool: asyncpg.Pool, bus: EventBus, clean: None) -> AsyncIterator[
-    LocationService
-]:
+async def location(
+    db_pool: asyncpg.Pool, bus: EventBus, clean: None
+) -> AsyncIterator[LocationService]:
     service = LocationService(db_pool, bus)
     await service.load()
     yield service
@@ -66,9 +66,20 @@ def binding(
     user_agent: str = "",
 ) -> Binding:
     now = time.time()
-    return Binding(aor, contact, SOURCE, now + expires_in, received_at=now, call_id="c@x",
-                   cseq=1, q=q, path=path, instance=instance, reg_id=reg_id,
-                   user_agent=user_agent)
+    return Binding(
+        aor,
+        contact,
+        SOURCE,
+        now + expires_in,
+        received_at=now,
+        call_id="c@x",
+        cseq=1,
+        q=q,
+        path=path,
+        instance=instance,
+        reg_id=reg_id,
+        user_agent=user_agent,
+    )
 
 
 Plan = Callable[[tuple[Binding, ...]], BindingChange | None]
@@ -120,7 +131,9 @@ async def test_update_writes_through_and_indexes(
     )
     assert row is not None
     assert (row["transport"], row["source_host"], row["source_port"]) == (
-        "UDP", "198.51.100.7", 40123,
+        "UDP",
+        "198.51.100.7",
+        40123,
     )
     assert row["q"] == 0.5 and row["path"] == "<sip:edge.example.net;lr>"
     assert abs(row["e"] - b1.expires_at) < 1e-3
@@ -142,8 +155,7 @@ async def test_concurrent_updates_share_one_flush(
     try:
         aors = [f"sip:user{i}@example.com" for i in range(20)]
         await asyncio.gather(
-            *(service.update(a, add(binding(a, f"sip:{i}@10.0.0.1")))
-              for i, a in enumerate(aors))
+            *(service.update(a, add(binding(a, f"sip:{i}@10.0.0.1"))) for i, a in enumerate(aors))
         )
         assert service.stats["flushes"] == 1
         assert service.stats["flushed_ops"] == 20
@@ -162,9 +174,7 @@ async def test_updates_of_one_aor_are_serialised(location: LocationService) -> N
 
         return plan
 
-    await asyncio.gather(
-        *(location.update(aor, adder(f"sip:bob@10.0.0.{i}")) for i in range(5))
-    )
+    await asyncio.gather(*(location.update(aor, adder(f"sip:bob@10.0.0.{i}")) for i in range(5)))
     # Each plan saw the result of the one before: nothing was lost.
     assert sorted(b.contact for b in location.lookup(aor)) == [
         f"sip:bob@10.0.0.{i}" for i in range(5)
@@ -213,8 +223,15 @@ async def test_restart_loads_unexpired_bindings(
 ) -> None:
     first = LocationService(db_pool, bus)
     aor = "sip:erin@example.com"
-    kept = binding(aor, "sip:e@1", q=0.25, path=("<sip:a;lr>", "<sip:b;lr>"), instance='"<urn:x>"',
-                   reg_id=1, user_agent="Phone/1.0")
+    kept = binding(
+        aor,
+        "sip:e@1",
+        q=0.25,
+        path=("<sip:a;lr>", "<sip:b;lr>"),
+        instance='"<urn:x>"',
+        reg_id=1,
+        user_agent="Phone/1.0",
+    )
     await first.update(aor, add(kept))
     await first.close()
     # A row that expired while the server was down is dropped at start-up.
@@ -267,6 +284,7 @@ async def test_refresh_postpones_expiry_without_growing_the_heap(
     aor = "sip:gina@example.com"
     await location.update(aor, add(binding(aor, "sip:g@1", expires_in=0.4)))
     for _ in range(5):
+
         def refresh(current: tuple[Binding, ...]) -> BindingChange:
             new = binding(aor, "sip:g@1", expires_in=0.8)
             return BindingChange((new,), refreshed=(new,))
@@ -308,9 +326,7 @@ async def _settle(location: LocationService) -> None:
 # ------------------------------------------------------------------------------------ nodes
 
 
-async def test_other_node_learns_changes_by_notify(
-    db_pool: asyncpg.Pool, clean: None
-) -> None:
+async def test_other_node_learns_changes_by_notify(db_pool: asyncpg.Pool, clean: None) -> None:
     node_a = LocationService(db_pool, EventBus())
     node_b = LocationService(db_pool, EventBus())
     await node_a.load()

@@ -28,8 +28,7 @@ from sipcore.subscribers import SubscriberStore
 from sipcore.transport_types import Peer
 from tests.sipcore.regkit import DOMAIN, PHONE, context, recorder_of, register, request
 
-SETTINGS = RegistrarSettings(default_expires=600, min_expires=60, max_expires=1200,
-                             max_contacts=3)
+SETTINGS = RegistrarSettings(default_expires=600, min_expires=60, max_expires=1200, max_contacts=3)
 
 
 class Events:
@@ -61,8 +60,14 @@ def registrar(location: LocationService) -> Registrar:
     return Registrar(location, [DOMAIN], SETTINGS)
 
 
-async def send(registrar: Registrar, req: Request, *, user: str | None = "alice",
-               source: Peer = PHONE, extra: list[tuple[str, str]] | None = None) -> Response:
+async def send(
+    registrar: Registrar,
+    req: Request,
+    *,
+    user: str | None = "alice",
+    source: Peer = PHONE,
+    extra: list[tuple[str, str]] | None = None,
+) -> Response:
     ctx = context(req, source, user=user, user_domain=DOMAIN if user else None)
     if extra:
         ctx.response_headers.extend(extra)
@@ -81,8 +86,9 @@ AOR = f"sip:alice@{DOMAIN}"
 # ------------------------------------------------------------------------------ add/refresh
 
 
-async def test_register_adds_binding_and_lists_it(registrar: Registrar,
-                                                  location: LocationService) -> None:
+async def test_register_adds_binding_and_lists_it(
+    registrar: Registrar, location: LocationService
+) -> None:
     before = time.time()
     resp = await send(registrar, register("alice", ["<sip:alice@10.0.0.7:5060>"], expires=300))
     assert resp.status == 200
@@ -102,8 +108,9 @@ async def test_default_and_capped_expires(registrar: Registrar) -> None:
 
 
 async def test_contact_param_wins_over_expires_header(registrar: Registrar) -> None:
-    resp = await send(registrar, register("alice", ["<sip:a@1>;expires=120", "<sip:a@2>"],
-                                          expires=900))
+    resp = await send(
+        registrar, register("alice", ["<sip:a@1>;expires=120", "<sip:a@2>"], expires=900)
+    )
     assert contacts_of(resp) == {"sip:a@1": {"expires": "120"}, "sip:a@2": {"expires": "900"}}
 
 
@@ -119,11 +126,13 @@ async def test_refresh_keeps_one_binding_and_emits_refreshed(
     assert events.kinds() == ["ContactRegistered", "ContactRefreshed"]
 
 
-async def test_several_contacts_with_q_values_all_listed(registrar: Registrar,
-                                                         location: LocationService) -> None:
+async def test_several_contacts_with_q_values_all_listed(
+    registrar: Registrar, location: LocationService
+) -> None:
     await send(registrar, register("alice", ["<sip:desk@10.0.0.1>;q=0.7"], call_id="desk@x"))
-    resp = await send(registrar, register("alice", ["<sip:soft@10.0.0.2>;q=1.0"],
-                                          call_id="soft@x", expires=300))
+    resp = await send(
+        registrar, register("alice", ["<sip:soft@10.0.0.2>;q=1.0"], call_id="soft@x", expires=300)
+    )
     # The 200 lists ALL current bindings, not just the ones in this request.
     assert contacts_of(resp) == {
         "sip:desk@10.0.0.1": {"expires": "600", "q": "0.7"},
@@ -189,15 +198,15 @@ async def test_same_call_id_not_higher_cseq_fails_and_changes_nothing(
 ) -> None:
     await send(registrar, register("alice", ["<sip:a@1>"], cseq=5, expires=300))
     # An old REGISTER overtaken by a newer one: §10.3 step 7 aborts the whole update.
-    resp = await send(registrar, register("alice", ["<sip:a@1>;expires=0", "<sip:a@9>"],
-                                          cseq=5))
+    resp = await send(registrar, register("alice", ["<sip:a@1>;expires=0", "<sip:a@9>"], cseq=5))
     assert resp.status == 500
     assert [(b.contact, b.cseq) for b in location.lookup(AOR)] == [("sip:a@1", 5)]
     resp = await send(registrar, register("alice", ["*"], cseq=4, expires=0))
     assert resp.status == 500 and len(location.lookup(AOR)) == 1
     # Another Call-ID (the phone restarted) may update whatever its CSeq.
-    resp = await send(registrar, register("alice", ["<sip:a@1>"], call_id="new@x", cseq=1,
-                                          expires=300))
+    resp = await send(
+        registrar, register("alice", ["<sip:a@1>"], call_id="new@x", cseq=1, expires=300)
+    )
     assert resp.status == 200
     assert location.lookup(AOR)[0].call_id == "new@x"
 
@@ -205,8 +214,9 @@ async def test_same_call_id_not_higher_cseq_fails_and_changes_nothing(
 # ------------------------------------------------------------------------------ limits
 
 
-async def test_interval_too_brief_is_423_with_min_expires(registrar: Registrar,
-                                                         location: LocationService) -> None:
+async def test_interval_too_brief_is_423_with_min_expires(
+    registrar: Registrar, location: LocationService
+) -> None:
     resp = await send(registrar, register("alice", ["<sip:a@1>", "<sip:a@2>;expires=30"]))
     assert resp.status == 423
     assert resp.header("Min-Expires") == "60"
@@ -219,8 +229,7 @@ async def test_max_contacts_is_403(registrar: Registrar, location: LocationServi
     assert (resp.status, resp.reason) == (403, "Too Many Registered Contacts")
     assert len(location.lookup(AOR)) == 3
     # Refreshing and replacing within the limit still works.
-    resp = await send(registrar, register("alice", ["<sip:a@3>;expires=0", "<sip:a@4>"],
-                                          cseq=2))
+    resp = await send(registrar, register("alice", ["<sip:a@3>;expires=0", "<sip:a@4>"], cseq=2))
     assert resp.status == 200 and len(contacts_of(resp)) == 3
 
 
@@ -241,8 +250,9 @@ async def test_user_must_own_the_aor(registrar: Registrar, location: LocationSer
 
 
 async def test_unsupported_require_is_420(registrar: Registrar) -> None:
-    resp = await send(registrar, register("alice", ["<sip:a@1>"],
-                                          headers=[("Require", "path, foo")]))
+    resp = await send(
+        registrar, register("alice", ["<sip:a@1>"], headers=[("Require", "path, foo")])
+    )
     assert resp.status == 420 and resp.header("Unsupported") == "foo"
 
 
@@ -255,29 +265,34 @@ async def test_non_sip_contact_is_400(registrar: Registrar) -> None:
 # ------------------------------------------------------------------------------ Path, extras
 
 
-async def test_path_stored_and_echoed_when_supported(registrar: Registrar,
-                                                     location: LocationService) -> None:
+async def test_path_stored_and_echoed_when_supported(
+    registrar: Registrar, location: LocationService
+) -> None:
     path = [("Path", "<sip:edge1.example.net;lr>"), ("Path", "<sip:edge2.example.net;lr>")]
-    resp = await send(registrar, register("alice", ["<sip:a@1>"],
-                                          headers=[*path, ("Supported", "path")]))
-    assert resp.header_values("Path") == ["<sip:edge1.example.net;lr>",
-                                          "<sip:edge2.example.net;lr>"]
-    assert location.lookup(AOR)[0].path == ("<sip:edge1.example.net;lr>",
-                                            "<sip:edge2.example.net;lr>")
+    resp = await send(
+        registrar, register("alice", ["<sip:a@1>"], headers=[*path, ("Supported", "path")])
+    )
+    assert resp.header_values("Path") == [
+        "<sip:edge1.example.net;lr>",
+        "<sip:edge2.example.net;lr>",
+    ]
+    assert location.lookup(AOR)[0].path == (
+        "<sip:edge1.example.net;lr>",
+        "<sip:edge2.example.net;lr>",
+    )
     resp = await send(registrar, register("alice", ["<sip:a@1>"], cseq=2, headers=path))
     assert resp.status == 200 and resp.header_values("Path") == []  # stored, not echoed
     assert len(location.lookup(AOR)[0].path) == 2
 
 
 async def test_response_headers_from_other_modules_are_included(registrar: Registrar) -> None:
-    resp = await send(registrar, register("alice", ["<sip:a@1>"]),
-                      extra=[("Balance-amount", "12.50")])
+    resp = await send(
+        registrar, register("alice", ["<sip:a@1>"]), extra=[("Balance-amount", "12.50")]
+    )
     assert resp.status == 200 and resp.header("Balance-amount") == "12.50"
 
 
-async def test_events_are_emitted_after_the_answer(
-    registrar: Registrar, bus: EventBus
-) -> None:
+async def test_events_are_emitted_after_the_answer(registrar: Registrar, bus: EventBus) -> None:
     answered_first: list[bool] = []
     req = register("alice", ["<sip:a@1>"])
     ctx = context(req, user="alice", user_domain=DOMAIN)
@@ -328,8 +343,9 @@ async def test_bindings_survive_a_restart(db_pool: asyncpg.Pool, registrar: Regi
         (b,) = fresh.lookup(AOR)
         assert (b.contact, b.q, b.source, b.cseq) == ("sip:a@1", 0.5, PHONE, 1)
         # ... and a registrar on the new service applies the §10.3 rules to them.
-        resp = await send(Registrar(fresh, [DOMAIN], SETTINGS),
-                          register("alice", ["<sip:a@1>"], cseq=1))
+        resp = await send(
+            Registrar(fresh, [DOMAIN], SETTINGS), register("alice", ["<sip:a@1>"], cseq=1)
+        )
         assert resp.status == 500
     finally:
         await fresh.close()
@@ -340,8 +356,9 @@ async def test_expired_binding_is_gone_and_announced(db_pool: asyncpg.Pool) -> N
     bus = EventBus()
     events = Events(bus)
     service = LocationService(db_pool, bus)
-    registrar = Registrar(service, [DOMAIN], RegistrarSettings(default_expires=60,
-                                                               min_expires=1, max_expires=60))
+    registrar = Registrar(
+        service, [DOMAIN], RegistrarSettings(default_expires=60, min_expires=1, max_expires=60)
+    )
     try:
         await send(registrar, register("alice", ["<sip:a@1>"], expires=1))
         await asyncio.sleep(1.4)
@@ -367,8 +384,7 @@ async def lookup(location: LocationService, db_pool: asyncpg.Pool) -> LocationLo
     return LocationLookup(location, subscribers, [DOMAIN])
 
 
-async def run_lookup(lookup: LocationLookup, uri: str) -> tuple[dict[str, object],
-                                                                list[Target]]:
+async def run_lookup(lookup: LocationLookup, uri: str) -> tuple[dict[str, object], list[Target]]:
     req = request("INVITE", uri, from_uri="sip:carol@elsewhere.org", to_uri=uri)
     ctx = context(req)
     result = lookup(ctx)
@@ -383,8 +399,16 @@ async def test_lookup_targets_every_binding_best_q_first(
 ) -> None:
     nat = Peer("UDP", "203.0.113.9", 6000)
     await send(registrar, register("alice", ["<sip:desk@10.0.0.1>;q=0.5"], call_id="d@x"))
-    await send(registrar, register("alice", ["<sip:cell@10.0.0.2>;q=0.9"], call_id="c@x",
-                                   headers=[("Path", "<sip:edge;lr>")]), source=nat)
+    await send(
+        registrar,
+        register(
+            "alice",
+            ["<sip:cell@10.0.0.2>;q=0.9"],
+            call_id="c@x",
+            headers=[("Path", "<sip:edge;lr>")],
+        ),
+        source=nat,
+    )
     attrs, targets = await run_lookup(lookup, "sip:alice@EXAMPLE.com;user=phone")
     assert attrs["location"] == "found" and attrs["aor"] == AOR
     assert [(t.uri, t.dest, t.q, t.path) for t in targets] == [
