@@ -259,6 +259,7 @@ class Registrar:
         header_expires = req.expires
         star = bool(contacts) and contacts[0].is_star
         entries: dict[str, _Contact] = {}
+        default_expires = header_expires if header_expires is not None else settings.default_expires
         if star:
             if header_expires != 0:
                 raise _Reject(400, "Contact: * Requires Expires: 0", "bad_star")
@@ -274,9 +275,7 @@ class Registrar:
                     raise _Reject(400, "Contact Must Be A SIP URI", "bad_contact")
                 expires = contact.expires
                 if expires is None:
-                    expires = (
-                        header_expires if header_expires is not None else (settings.default_expires)
-                    )
+                    expires = default_expires
                 if expires:
                     if expires < settings.min_expires and expires < _ONE_HOUR:
                         raise _Reject(
