@@ -226,20 +226,20 @@ def unfold(value: str) -> str:
 
 def _skip_quoted(text: str, start: int) -> int:
     """Index just past the quoted-string opening at ``text[start] == '"'`` (RFC 3261 §25.1,
-    with quoted-pair).  400 if it never closes.  Linear: the next quote and the next
-    backslash are each searched for once per position they can occupy."""
+    with quoted-pair).  400 if it never closes.  Linear: the closing-quote candidate is only
+    searched for again once the scan has passed it, and backslashes are only searched for
+    before it."""
     pos = start + 1
     quote = text.find('"', pos)
-    backslash = text.find("\\", pos)
     while True:
         if quote < 0:
             raise SipParseError(400, "Unterminated quoted string")
-        if backslash < 0 or backslash > quote:
+        backslash = text.find("\\", pos, quote)
+        if backslash < 0:
             return quote + 1
         pos = backslash + 2  # skip the escaped character, whatever it is
         if quote < pos:
             quote = text.find('"', pos)
-        backslash = text.find("\\", pos)
 
 
 def unquote(text: str) -> str:
