@@ -25,7 +25,9 @@ from aiohttp import web
 from sipbill.control import ControlServer, MethodRegistry
 from sipbill.coremethods import register_core_methods
 from sipbill.db import EmbeddedPostgres, create_pool, migrate
-from sipbill.settings import Settings
+from sipbill.settings import Settings, auth_secret
+from sipcore.auth import DigestAuth, realms_for_domains
+from sipcore.digest import NonceIssuer
 from sipcore.gateways import Gateway, GatewayRouter
 from sipcore.location import LocationService
 from sipcore.pipeline import EventBus, Pipeline, Stage
@@ -69,6 +71,7 @@ class Application:
         self.http_runner: web.AppRunner | None = None
         self.listening: list[str] = []
         self.control: ControlServer | None = None
+        self.worker_id = 0
 
     async def start(self) -> None:
         s = self.settings
@@ -122,6 +125,9 @@ class Application:
         restored = await location.load()
         await location.listen()
         log.info("event=location_loaded bindings=%d", restored)
+        nonces = NonceIssuer(auth_secret(s), ttl=s.auth.nonce_ttl, worker_id=self.worker_id)
+        auth = DigestAuth(subscribers, nonces, realms_for_domains(identity.domains), s.auth)
+        pipeline.add(Stage.AUTH, auth, name="auth")
         pipeline.add(Stage.REGISTRAR, Registrar(location, identity.domains, s.registrar),
                      methods={"REGISTER"}, name="registrar")
         pipeline.add(Stage.LOCATION, LocationLookup(location, subscribers, identity.domains),

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sipbill.configschema import ConfigError, load_section, secret_field
+from sipcore.auth import AuthSettings
 from sipcore.registrar import RegistrarSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -224,6 +225,7 @@ class Settings:
     sip: SipSettings = field(default_factory=SipSettings)
     proxy: ProxySection = field(default_factory=ProxySection)
     registrar: RegistrarSettings = field(default_factory=RegistrarSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     http: HttpSettings = field(default_factory=HttpSettings)
     control: ControlSettings = field(default_factory=ControlSettings)

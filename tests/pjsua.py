@@ -124,31 +124,31 @@ _MSG_RE = re.compile(
 _RURI_USER_RE = re.compile(r"^\w+ sips?:([^@;>\s]+)@")
 
 
-class _Call(pj.Call):  # type: ignore[misc]
+class _Call(pj.Call):
     """pjsua2 call whose callbacks only forward to its :class:`CallHandle`."""
 
     def __init__(self, account: _Account, handle: CallHandle, call_id: int = -1) -> None:
         super().__init__(account, call_id)
         self.handle = handle
 
-    def onCallState(self, prm: Any) -> None:
+    def onCallState(self, prm: pj.OnCallStateParam) -> None:
         self.handle._guard(self.handle._on_state, self)
 
-    def onCallTsxState(self, prm: Any) -> None:
+    def onCallTsxState(self, prm: pj.OnCallTsxStateParam) -> None:
         self.handle._guard(self.handle._on_tsx, prm)
 
 
-class _Account(pj.Account):  # type: ignore[misc]
+class _Account(pj.Account):
     """pjsua2 account whose callbacks only forward to its :class:`Phone`."""
 
     def __init__(self, phone: Phone) -> None:
         super().__init__()
         self.phone = phone
 
-    def onRegState(self, prm: Any) -> None:
+    def onRegState(self, prm: pj.OnRegStateParam) -> None:
         self.phone.agents._guard(self.phone._on_reg_state, prm)
 
-    def onIncomingCall(self, prm: Any) -> None:
+    def onIncomingCall(self, prm: pj.OnIncomingCallParam) -> None:
         self.phone.agents._guard(self.phone._on_incoming_call, prm)
 
 
@@ -222,7 +222,7 @@ class CallHandle:
             self.sip_call_id = info.callIdString
         self.states.append((info.state.name, int(info.lastStatusCode), info.lastReason))
 
-    def _on_tsx(self, prm: Any) -> None:
+    def _on_tsx(self, prm: pj.OnCallTsxStateParam) -> None:
         event = prm.e
         if event.type != pj.EventId.TSX_STATE:
             return
@@ -275,7 +275,7 @@ class Phone:
     def contact_host_port(self) -> tuple[str, int]:
         return "127.0.0.1", self.port
 
-    def _config(self, register: bool) -> Any:
+    def _config(self, register: bool) -> pj.AccountConfig:
         tparam = ";transport=tcp" if self.transport == "tcp" else ""
         server = f"sip:127.0.0.1:{self.server_port}{tparam}"
         cfg = pj.AccountConfig()
@@ -335,7 +335,7 @@ class Phone:
         return self.incoming[count - 1]
 
     # -------------------------------------------------------------- callbacks (PJSIP thread)
-    def _on_reg_state(self, prm: Any) -> None:
+    def _on_reg_state(self, prm: pj.OnRegStateParam) -> None:
         response = ""
         try:
             response = prm.rdata.wholeMsg
@@ -344,7 +344,7 @@ class Phone:
         self.reg_events.append(RegEvent(int(prm.code), prm.reason, int(prm.expiration),
                                         response or ""))
 
-    def _on_incoming_call(self, prm: Any) -> None:
+    def _on_incoming_call(self, prm: pj.OnIncomingCallParam) -> None:
         assert self.account is not None
         request = prm.rdata.wholeMsg
         first_line = request.split("\n", 1)[0].strip()
@@ -425,7 +425,7 @@ class UserAgents:
         self._lock = threading.Lock()
         ep = pj.Endpoint()
         ep.libCreate()
-        self.ep: Any = ep
+        self.ep: pj.Endpoint = ep
         try:
             cfg = pj.EpConfig()
             cfg.uaConfig.threadCnt = 1

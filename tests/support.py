@@ -82,7 +82,6 @@ class ServerProcess:
     http_port: int = 0
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sipbill-e2e-")))
     proc: subprocess.Popen[str] | None = None
-    output: list[str] = field(default_factory=list)
 
     @property
     def config_path(self) -> Path:
@@ -117,6 +116,10 @@ class ServerProcess:
                 base[section] = values
         return base
 
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "server.log"
+
     def start(self, timeout: float = 30.0) -> ServerProcess:
         if not self.port:
             self.port = free_port()
@@ -124,38 +127,28 @@ class ServerProcess:
             self.http_port = free_port()
         self.config_path.write_text(to_toml(self.config()))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.output = []
-        self.proc = subprocess.Popen(
-            [SIPBILL, "serve", "--config", str(self.config_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )
-        assert self.proc.stdout is not None
+        # Output goes to a file: a pipe nobody drains would block a chatty server.
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [SIPBILL, "serve", "--config", str(self.config_path)],
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            )
         deadline = time.monotonic() + timeout
-        os.set_blocking(self.proc.stdout.fileno(), False)
-        buf = ""
         while time.monotonic() < deadline:
-            chunk = self.proc.stdout.read()
-            if chunk:
-                buf += chunk
-                if "sipbill listening on" in buf:
-                    self.output.append(buf)
-                    return self
+            if "sipbill listening on" in self.logs():
+                return self
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
-        self.output.append(buf)
+        text = self.logs()
         self.stop()
-        raise RuntimeError(f"server did not start:\n{buf}")
+        raise RuntimeError(f"server did not start:\n{text}")
 
     def logs(self) -> str:
-        if self.proc is not None and self.proc.stdout is not None:
-            try:
-                chunk = self.proc.stdout.read()
-            except (ValueError, OSError):
-                chunk = None
-            if chunk:
-                self.output.append(chunk)
-        return "".join(self.output)
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc is None:
@@ -167,7 +160,6 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.logs()
         rc = self.proc.returncode
         self.proc = None
         return rc
@@ -216,8 +208,9 @@ def run_sipp(scenario: str, server_port: int, *args: str, local_port: int | None
            "-m", str(calls), "-r", str(rate), "-timeout", f"{int(timeout)}s",
            "-timeout_error", "-nostdin", "-trace_stat", "-stf", str(stat), "-fd", "1",
            "-t", transport, "-trace_err", "-error_file", str(statdir / "errors.log")]
-    if local_port is not None:
-        cmd += ["-p", str(local_port)]
+    # Always a fresh port: SIPp would otherwise take 5060 when free, where a demo server or
+    # a stale binding of an earlier test may point.
+    cmd += ["-p", str(local_port if local_port is not None else free_port())]
     cmd += list(args)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30,
                           stdin=subprocess.DEVNULL, cwd=statdir)

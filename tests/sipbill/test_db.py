@@ -11,7 +11,8 @@ async def test_migrations_recorded_and_not_reapplied(db_dsn: str) -> None:
     conn = await asyncpg.connect(db_dsn)
     try:
         recorded = await conn.fetch(
-            "SELECT package, version, name FROM schema_migrations ORDER BY applied_at, package, version"
+            "SELECT package, version, name FROM schema_migrations"
+            " ORDER BY applied_at, package, version"
         )
         expected = [(m.package, m.version, m.name) for m in discover_migrations()]
         assert [(r["package"], r["version"], r["name"]) for r in recorded] == expected
