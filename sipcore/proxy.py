@@ -48,7 +48,7 @@ from sipcore.message import Request, Response, build_request, parse_message
 from sipcore.pipeline import EventBus, Pipeline, RequestContext, Stage, Target
 from sipcore.stack import SipStack
 from sipcore.transport_types import Peer
-from sipcore.uri import SipUri, parse_uri
+from sipcore.uri import SipUri
 
 log = logging.getLogger("sipcore.proxy")
 
@@ -58,8 +58,12 @@ __all__ = [
 ]
 
 SUPPORTED_EXTENSIONS = frozenset({"path", "outbound", "replaces", "norefersub"})
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, SUBSCRIBE, NOTIFY, REFER, INFO, UPDATE, PRACK"
+ALLOW = ("INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, SUBSCRIBE, NOTIFY, REFER, "
+         "INFO, UPDATE, PRACK")
 _DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+
+#: Extra headers for a response on its way upstream (billing's Balance-amount on a 2xx).
+ResponseHook = Callable[[RequestContext, Response], list[tuple[str, str]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,7 +463,7 @@ class ProxyCore:
         self.dialogs = DialogTable()
         self.contexts: dict[txn.TxKey, RequestContext] = {}
         self.responses: dict[txn.TxKey, ResponseContext] = {}
-        self.response_hook: Callable[[RequestContext, Response], list[tuple[str, str]]] | None = None
+        self.response_hook: ResponseHook | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats: dict[str, int] = {k: 0 for k in (
             "requests", "branches", "failovers", "loops", "acks_forwarded", "acks_dropped",
@@ -538,7 +542,8 @@ class ProxyCore:
         required = [p.strip().lower() for p in req.header_values("Proxy-Require") if p.strip()]
         unsupported = [p for p in required if p not in SUPPORTED_EXTENSIONS]
         if unsupported:
-            return ctx.reply(420, "Bad Extension", headers=[("Unsupported", ", ".join(unsupported))])
+            return ctx.reply(420, "Bad Extension",
+                             headers=[("Unsupported", ", ".join(unsupported))])
         if self._is_loop(req):
             self.stats["loops"] += 1
             return ctx.reply(482, "Loop Detected")
