@@ -490,7 +490,14 @@ def parse_via(text: str) -> Via:
             for piece in param_text.split(";")[1:]:
                 name, eq, value = piece.partition("=")
                 params[name.lower()] = value if eq else None
-            if "ttl" in params or "rport" in params or None in params.values():
+            # Only the typed parameters need more than the regex checked.
+            if (
+                params.get("rport") is not None
+                or "ttl" in params
+                or ("branch" in params and params["branch"] is None)
+                or ("received" in params and params["received"] is None)
+                or ("maddr" in params and params["maddr"] is None)
+            ):
                 _check_via_params(params)
         return Via(transport.upper(), host, port, params)
     try:
@@ -724,6 +731,9 @@ def parse_name_addrs(value: str, *, allow_star: bool = False) -> list[NameAddr]:
     """All name-addr values of one (unfolded) list header line (Contact, Route, ...)."""
     if allow_star and value.strip(" \t") == "*":
         return [NameAddr(None, "*", is_star=True)]
+    if _NAME_ADDR_FAST.fullmatch(value) is not None:
+        # The fast grammar has no comma outside quotes and <>: this is a single value.
+        return [parse_name_addr(value)]
     return [
         parse_name_addr(part) for part in split_values(value, keep_empty=True) if _nonempty(part)
     ]

@@ -42,6 +42,7 @@ decode and encoding gives the same bytes back); for pure ASCII header blocks -- 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Collection, Sequence
 from itertools import accumulate, repeat
 from operator import add, itemgetter
@@ -72,7 +73,6 @@ from sipcore.uri import (
     TelUri,
     is_scheme,
     is_token,
-    is_word,
     parse_uri,
 )
 
@@ -274,13 +274,16 @@ class SipMessage:
     # ------------------------------------------------------------------ generic access
     def _value(self, i: int) -> str:
         """Unfolded, stripped value of header field ``i``."""
-        line = self._lines[i]
-        return unfold(line[line.find(":") + 1 :])
+        return _field_value(self._lines[i])
 
     def _indices(self, canon: str) -> list[int]:
-        if canon not in self._pos:
+        last = self._pos.get(canon)
+        if last is None:
             return []
-        return [i for i, name in enumerate(self._names) if name is canon or name == canon]
+        first = self._names.index(canon)
+        if first == last:
+            return [first]
+        return [i for i in range(first, last + 1) if self._names[i] == canon]
 
     def header(self, name: str) -> str | None:
         """First value of header ``name`` (any case, compact form ok), unfolded; None when
@@ -726,7 +729,8 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
 
 
 def _field_value(line: str) -> str:
-    return unfold(line[line.find(":") + 1 :])
+    value = line[line.find(":") + 1 :]
+    return unfold(value) if "\r" in value else value.strip(" \t")
 
 
 def _parse(data: bytes, stream: bool) -> Request | Response:
@@ -774,7 +778,7 @@ def _parse(data: bytes, stream: bool) -> Request | Response:
         names = cast("list[str]", found)
     if len(names) > MAX_HEADERS:
         raise SipParseError(513, "Too many header fields")
-    pos = dict(zip(names, range(len(names)), strict=True))  # name -> index of its last field
+    pos = {name: i for i, name in enumerate(names)}  # name -> index of its last field
 
     msg._lines = lines
     msg._names = names
@@ -879,10 +883,13 @@ def _index_slow(physical: list[str]) -> tuple[list[str], list[str]]:
     return ["\r\n".join(parts) for parts in fields], names
 
 
+_WORD_RE = r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]++"
+_CALL_ID = re.compile(_WORD_RE + "(?:@" + _WORD_RE + ")?")  # possessive: no backtracking
+
+
 def _is_call_id(text: str) -> bool:
     """callid = word [ "@" word ] (RFC 3261 §25.1)."""
-    left, at, right = text.partition("@")
-    return is_word(left) and (not at or is_word(right))
+    return _CALL_ID.fullmatch(text) is not None
 
 
 def _parse_request_line(line: str) -> Request:
