@@ -14,9 +14,10 @@ Theory of operation
    a downstream parser could read as line breaks;
 2. parse the start line (method token, Request-URI without LWS, ``<>`` or headers, scheme we
    support -> else 416, version SIP/2.0 -> else 505; or status code 100-699);
-3. index the header block: for each header field, its lower-case canonical name (compact
-   forms expanded) and the offsets of its line, value and end (folded continuation lines
-   included) -- no values are copied;
+3. index the header block: each header field's text (folded continuation lines joined to
+   it) and its lower-case canonical name (compact forms expanded), plus a name -> index
+   map.  In the common case -- every name spelt as seen before, no folding -- that is one
+   dict lookup per line; byte offsets are only worked out when a splice needs them;
 4. validate what every proxy relies on: To, From, CSeq, Call-ID and Via present; those and
    Max-Forwards / Content-Length not repeated (RFC 4475 §3.3.8, §3.3.9); CSeq, Call-ID, the
    top Via, From and To parsed (and cached), CSeq method equal to the request method,
