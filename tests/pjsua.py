@@ -239,7 +239,8 @@ class Phone:
 
     Requests go through the server as outbound proxy (``sip:127.0.0.1:PORT;lr``); REGISTER
     goes to ``sip:127.0.0.1:PORT``.  Incoming calls are answered automatically: 180 then 200
-    when :attr:`answer_code` is 200, otherwise straight with that final status (486, 603...).
+    when :attr:`answer_code` is 200, 180 alone (ringing until the caller gives up) when it is
+    180, otherwise straight with that final status (486, 603...).
     An INVITE for another user (a stale binding pointing at a reused transport) is refused
     with 404 and recorded in :attr:`misrouted`.
     """

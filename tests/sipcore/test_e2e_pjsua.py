@@ -4,10 +4,10 @@ Issue 3's "done when", as a phone sees it: a pjsua2 account registers with MD5 d
 (RFC 3261 §22.4) although the server offers SHA-256 and MD5 together (RFC 8760 §2.3), over UDP
 and over TCP, and sees its binding in the registrar's 200 OK (§10.3 step 8); a second account
 calls it through the proxy (§16) and the call connects and ends cleanly (BYE, §15); a busy,
-an offline and an unknown callee give the caller 486, 480 and 404; a wrong password never
-registers; a registration survives a server restart.  SHA-256 is proven by the test's own
-client (:class:`RawSip`), which computes the digest with :mod:`sipcore.digest` -- PJSIP 2.14
-has no SHA-256.
+an offline and an unknown callee give the caller 486, 480 and 404; a caller giving up while
+it rings CANCELs the callee's INVITE (487); a wrong password never registers; a registration
+survives a server restart.  SHA-256 is proven by the test's own client (:class:`RawSip`),
+which computes the digest with :mod:`sipcore.digest` -- PJSIP 2.14 has no SHA-256.
 
 Every test is bounded by a few seconds of waiting; a deadlock inside PJSIP (which would hang
 pytest, as a thread stuck in C never sees the timeout signal) is cut by pytest-timeout's
@@ -389,6 +389,23 @@ def test_busy_callee_gives_486(server: ServerProcess, agents: UserAgents,
     assert not out.confirmed
     # The 486 is the phone's own answer, relayed: the INVITE did reach it.
     assert callee.wait_incoming().wait_disconnected() == 486
+
+
+def test_caller_gives_up_while_it_rings(server: ServerProcess, agents: UserAgents,
+                                        phones: Phones) -> None:
+    callee = phones.register("1001", server, answer_code=180)
+    caller = phones.register("1002", server)
+    out = caller.call(f"sip:1001@{DOMAIN}")
+    try:
+        incoming = callee.wait_incoming()
+        out.wait_state("EARLY")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}{diagnose(server, agents)}") from None
+    out.hangup()  # CANCEL (RFC 3261 §9), relayed by the proxy to the ringing phone (§16.10)
+    assert out.wait_disconnected() == 487, f"{out.states}{diagnose(server, agents)}"
+    assert incoming.wait_disconnected() == 487, incoming.states
+    assert ("UAS", "CANCEL", 200) in incoming.transactions, incoming.transactions
+    assert not out.confirmed and not incoming.confirmed
 
 
 def test_offline_subscriber_gives_480(server: ServerProcess, agents: UserAgents,
