@@ -116,7 +116,8 @@ class Application:
                                                                reuse_port=reuse)
             bound.append((transport, host, port))
             self.listening.append(f"{transport.lower()}:{host}:{port}")
-        identity = LocalIdentity(s.server.domains, bound, s.server.advertised_host)
+        aliases = s.server.domain_aliases
+        identity = LocalIdentity([*s.server.domains, *aliases], bound, s.server.advertised_host)
         pipeline = Pipeline()
         events = EventBus()
         proxy = ProxyCore(stack, pipeline, events, identity,
@@ -126,11 +127,14 @@ class Application:
         await location.listen()
         log.info("event=location_loaded bindings=%d", restored)
         nonces = NonceIssuer(auth_secret(s), ttl=s.auth.nonce_ttl, worker_id=self.worker_id)
-        auth = DigestAuth(subscribers, nonces, realms_for_domains(identity.domains), s.auth)
+        realm_of = realms_for_domains(s.server.domains, aliases)
+        auth = DigestAuth(subscribers, nonces, realm_of, s.auth)
         pipeline.add(Stage.AUTH, auth, name="auth")
-        pipeline.add(Stage.REGISTRAR, Registrar(location, identity.domains, s.registrar),
+        pipeline.add(Stage.REGISTRAR, Registrar(location, s.server.domains, s.registrar,
+                                                  aliases=aliases),
                      methods={"REGISTER"}, name="registrar")
-        pipeline.add(Stage.LOCATION, LocationLookup(location, subscribers, identity.domains),
+        pipeline.add(Stage.LOCATION, LocationLookup(location, subscribers, s.server.domains,
+                                                    aliases),
                      name="location")
         gateways = [Gateway(g.name, g.host, g.port, g.transport.upper(), g.prefixes, g.strip,
                             g.prepend) for g in s.proxy.gateways]

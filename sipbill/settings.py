@@ -57,6 +57,9 @@ class ServerSettings:
     """Identity of the server and its process-level knobs."""
 
     domains: tuple[str, ...] = ("localhost",)
+    # Other names of a domain: alias -> domain (e.g. a public IP). The listen addresses are
+    # aliases of the first domain unless listed in domains themselves.
+    aliases: dict[str, str] = field(default_factory=dict)
     realm: str = ""  # digest realm; defaults to the first domain
     data_dir: str = "var"
     log_level: LogLevel = "info"
@@ -74,7 +77,17 @@ class ServerSettings:
             problems.append(("workers", f"must be 1-64, got {self.workers}"))
         if not self.listen:
             problems.append(("listen", "must have at least one listener"))
+        for alias, domain in self.aliases.items():
+            if domain not in self.domains:
+                problems.append((f"aliases.{alias}", f"{domain!r} is not one of server.domains"))
         return problems
+
+    @property
+    def domain_aliases(self) -> dict[str, str]:
+        """Aliases including the listen addresses (-> the first domain)."""
+        out = {lst.host: self.domains[0] for lst in self.listen if lst.host not in self.domains}
+        out.update(self.aliases)
+        return out
 
     @property
     def effective_realm(self) -> str:

@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -105,13 +105,16 @@ class AuthSettings:
         return problems
 
 
-def realms_for_domains(domains: Iterable[str]) -> Callable[[str], str | None]:
-    """A ``realm_of`` for :class:`DigestAuth`: each of ``domains`` is its own realm."""
-    local = frozenset(d.lower() for d in domains)
+def realms_for_domains(
+    domains: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> Callable[[str], str | None]:
+    """A ``realm_of`` for :class:`DigestAuth`: each of ``domains`` is its own realm, and an
+    alias (``127.0.0.1`` for ``localhost``) is the realm of the domain it stands for."""
+    local = {d.lower(): d.lower() for d in domains}
+    local.update({a.lower(): d.lower() for a, d in (aliases or {}).items()})
 
     def realm_of(domain: str) -> str | None:
-        domain = domain.lower()
-        return domain if domain in local else None
+        return local.get(domain.lower())
 
     return realm_of
 
@@ -177,11 +180,12 @@ class DigestAuth:
             return ctx.reply(exc.status, exc.reason, exc.headers)
         if not isinstance(uri, SipUri):
             return False
-        domain = uri.host.lower()
-        realm = self.realm_of(domain)
+        realm = self.realm_of(uri.host)
         if realm is None:
             return False  # not our domain: the registrar refuses it, the proxy confines it
-        return self._authenticate(ctx, uri.user, domain, realm, not register)
+        # The realm is the canonical domain (an alias such as 127.0.0.1 maps to localhost),
+        # which is also the domain the subscriber is stored under.
+        return self._authenticate(ctx, uri.user, realm, realm, not register)
 
     async def _authenticate(
         self, ctx: RequestContext, user: str | None, domain: str, realm: str, proxy: bool

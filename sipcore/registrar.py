@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import Final
@@ -191,9 +191,11 @@ class Registrar:
         settings: RegistrarSettings | None = None,
         *,
         clock: Callable[[], float] | None = None,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.location = location
-        self.domains = frozenset(d.lower() for d in domains)
+        self.aliases = {a.lower(): d.lower() for a, d in (aliases or {}).items()}
+        self.domains = frozenset(d.lower() for d in domains) | frozenset(self.aliases)
         self.settings = settings if settings is not None else RegistrarSettings()
         problems = self.settings.validate()
         if problems:
@@ -249,10 +251,10 @@ class Registrar:
         if (
             ctx.user is None
             or ctx.user != to_uri.user
-            or ((ctx.user_domain or "").lower() != to_uri.host.lower())
+            or ((ctx.user_domain or "").lower() != _canonical(to_uri.host, self.aliases))
         ):
             raise _Reject(403, "Not Authorized For This AoR", "not_owner")
-        aor = aor_of(to_uri)
+        aor = canonical_aor(to_uri, self.aliases)
 
         # Steps 6, 7: validate every contact before changing anything.
         contacts = req.contacts
@@ -398,10 +400,12 @@ class LocationLookup:
         location: LocationService,
         subscribers: SubscriberStore,
         domains: Iterable[str],
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.location = location
         self.subscribers = subscribers
-        self.domains = frozenset(d.lower() for d in domains)
+        self.aliases = {a.lower(): d.lower() for a, d in (aliases or {}).items()}
+        self.domains = frozenset(d.lower() for d in domains) | frozenset(self.aliases)
 
     def __call__(self, ctx: RequestContext) -> bool | Awaitable[bool]:
         try:
@@ -413,7 +417,8 @@ class LocationLookup:
         host = uri.host.lower()
         if host not in self.domains:
             return False
-        aor = aor_of(uri)
+        host = _canonical(host, self.aliases)
+        aor = canonical_aor(uri, self.aliases)
         attrs = ctx.attrs
         attrs["aor"] = aor
         bindings = self.location.lookup(aor)
@@ -438,3 +443,17 @@ class LocationLookup:
 
 def _minus_q(target: Target) -> float:
     return -target.q
+
+
+def _canonical(host: str, aliases: Mapping[str, str]) -> str:
+    host = host.lower()
+    return aliases.get(host, host)
+
+
+def canonical_aor(uri: SipUri, aliases: Mapping[str, str]) -> str:
+    """:func:`aor_of` with an alias host (``127.0.0.1``) replaced by its domain."""
+    aor = aor_of(uri)
+    host = uri.host.lower()
+    if host in aliases:
+        return aor[: len(aor) - len(host)] + aliases[host]
+    return aor

@@ -94,7 +94,7 @@ class ServerProcess:
     def config(self) -> dict[str, Any]:
         base: dict[str, Any] = {
             "server": {
-                "domains": ["localhost", "127.0.0.1"],
+                "domains": ["localhost"],
                 "data_dir": str(self.workdir),
                 "log_level": "info",
                 "listen": [

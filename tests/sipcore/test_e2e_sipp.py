@@ -87,3 +87,27 @@ def test_message_to_registered_user(server: ServerProcess) -> None:
         if uas.poll() is None:
             uas.kill()
             uas.wait()
+
+
+def test_listen_address_is_an_alias_of_the_domain(server: ServerProcess, tmp_path: object) -> None:
+    """A phone configured with domain 127.0.0.1 is the same subscriber as 1002@localhost."""
+    from pathlib import Path
+
+    csv = Path(str(tmp_path)) / "users_ip.csv"
+    csv.write_text("SEQUENTIAL\n1002;127.0.0.1;[authentication username=1002 password=demo1002]\n")
+    uas_port = free_port()
+    res = run_sipp("register_auth.xml", server.port, "-inf", str(csv), local_port=uas_port,
+                   calls=1, timeout=15)
+    assert res.returncode == 0, res.output
+    uas = _uas("message_uas.xml", uas_port, 1)
+    try:
+        time.sleep(0.3)
+        # Sent to 1002@localhost: found under the canonical AoR the alias registered.
+        res = run_sipp("message_uac.xml", server.port, "-inf", str(SCENARIOS / "users.csv"),
+                       "-s", "1002", calls=1, timeout=15)
+        assert res.returncode == 0, res.output
+        assert uas.wait(15) == 0
+    finally:
+        if uas.poll() is None:
+            uas.kill()
+            uas.wait()
