@@ -111,6 +111,11 @@ class _TcpConnection(asyncio.Protocol):
             self.framer.pings = 0
         for message in messages:
             self.owner.sink.message_received(message, self.peer, True)
+        if self.framer.failed is not None:
+            # Framing broke after the complete messages above: the stream is unusable.
+            self.owner.stats["tcp_framing_errors"] += 1
+            self.owner.sink.stream_error(self.framer.failed, self.peer)
+            self.transport.close()
 
     def pause_writing(self) -> None:
         # The peer does not read what we send: a slow client must not make us buffer forever.
