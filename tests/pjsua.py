@@ -17,6 +17,9 @@ Theory of operation
   ``onCallState``, ``onCallTsxState``) run on that thread and only *record* what happened into
   plain Python lists (appends are atomic under the GIL); tests poll those lists with
   :func:`wait_for` and a deadline.
+* Only the thread that created the endpoint (which ``libCreate`` registers with PJSIP) may
+  call into it: the binding has no ``libRegisterThread``, and PJSIP aborts on a thread it does
+  not know, so every entry point checks (:meth:`UserAgents.check_thread`).
 * The binding does not release the GIL around its C++ calls.  A call from the test thread
   into PJSIP that needs a lock the worker holds while it waits for the GIL inside a callback
   would deadlock, so: callbacks never block and never raise (an exception escaping into C++
@@ -204,6 +207,7 @@ class CallHandle:
     # -------------------------------------------------------------- actions (test thread)
     def hangup(self, code: int = 0) -> None:
         """Hang up (BYE when confirmed, CANCEL or a final response before); idempotent."""
+        self.phone.agents.check_thread()
         if self.call is None or self.disconnected:
             return
         call = self.call
@@ -309,6 +313,7 @@ class Phone:
 
     def unregister(self, timeout: float = 3.0) -> RegEvent | None:
         """REGISTER with Expires 0 and wait for the answer (None when none came in time)."""
+        self.agents.check_thread()
         if self.account is None or not self.registered:
             return None
         seen = len(self.reg_events)
@@ -321,6 +326,7 @@ class Phone:
     # -------------------------------------------------------------- calls
     def call(self, uri: str) -> CallHandle:
         """INVITE ``uri`` (through the server) and return the call handle at once."""
+        self.agents.check_thread()
         if self.account is None:
             raise RuntimeError(f"phone {self.user} is closed")
         handle = CallHandle(self, "out", uri)
@@ -377,6 +383,7 @@ class Phone:
         """
         if self.closed:
             return
+        self.agents.check_thread()
         self.closed = True
         legs = [*self.outgoing, *self.incoming, *self.misrouted_calls]
         for leg in legs:
@@ -424,6 +431,7 @@ class UserAgents:
         self._phones: list[Phone] = []
         self._free: dict[str, list[tuple[int, int]]] = {"udp": [], "tcp": []}
         self._lock = threading.Lock()
+        self._thread = threading.get_ident()
         ep = pj.Endpoint()
         ep.libCreate()
         self.ep: pj.Endpoint = ep
@@ -472,6 +480,7 @@ class UserAgents:
     def phone(self, user: str, password: str, server_port: int, transport: str = "udp", *,
               register: bool = False, answer_code: int = 200) -> Phone:
         """A phone for ``user``; with ``register=False`` it only places (and answers) calls."""
+        self.check_thread()
         if transport not in self._free:
             raise ValueError(f"transport must be udp or tcp, got {transport!r}")
         phone = Phone(self, user, password, server_port, transport, register=register,
@@ -512,6 +521,16 @@ class UserAgents:
         return len(self.log_text())
 
     # -------------------------------------------------------------- internals
+    def check_thread(self) -> None:
+        """Refuse PJSIP calls from a thread PJSIP does not know.
+
+        ``libCreate`` registers the creating thread; any other thread would have to call
+        ``libRegisterThread``, which this binding does not expose (PJSIP asserts and aborts
+        the process on an unregistered thread).
+        """
+        if threading.get_ident() != self._thread:
+            raise RuntimeError("pjsua2 must be driven from the thread that created UserAgents")
+
     def _guard(self, fn: Callable[..., None], *args: Any) -> None:
         """Run a callback body; an exception is recorded, never propagated into PJSIP."""
         try:
@@ -549,6 +568,7 @@ class UserAgents:
         """Close all phones, then destroy the library (in this order, or PJSIP crashes)."""
         if UserAgents._active is not self:
             return
+        self.check_thread()
         try:
             self.close_phones()
         finally:

@@ -51,11 +51,10 @@ def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserAgents]:
 def _server(db_dsn: str, *, port: int = 0, http_port: int = 0,
             workdir: Path | None = None) -> ServerProcess:
     """A server seeded with :data:`USERS`; give port/workdir of a stopped one to restart it."""
-    seed = {"subscribers": [{"username": u, "password": password(u)} for u in USERS]}
-    srv = ServerProcess(db_dsn, extra={"seed": seed}, port=port, http_port=http_port)
-    if workdir is not None:
-        srv.workdir = workdir
-    return srv
+    extra = {"seed": {"subscribers": [{"username": u, "password": password(u)} for u in USERS]}}
+    if workdir is None:
+        return ServerProcess(db_dsn, extra=extra, port=port, http_port=http_port)
+    return ServerProcess(db_dsn, extra=extra, port=port, http_port=http_port, workdir=workdir)
 
 
 @pytest.fixture(scope="module")
