@@ -11,7 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from sipbill.configschema import as_dict
 from sipbill.control import NOT_FOUND, ControlError, MethodRegistry
+from sipcore.errors import SipParseError
+from sipcore.registrar import canonical_aor
 from sipcore.subscribers import SubscriberError
+from sipcore.uri import SipUri, parse_uri
 
 if TYPE_CHECKING:
     from sipbill.app import AppContext
@@ -31,6 +34,8 @@ def register_core_methods(registry: MethodRegistry, ctx: AppContext) -> None:
             "transaction_stats": layer.stats,
             "proxy": dict(ctx.proxy.stats),
             "dialogs": len(ctx.proxy.dialogs),
+            "location": {"aors": ctx.location.aor_count,
+                         "bindings": ctx.location.binding_count, **ctx.location.stats},
             "pipeline_errors": ctx.pipeline.errors,
         }
 
@@ -70,6 +75,38 @@ def register_core_methods(registry: MethodRegistry, ctx: AppContext) -> None:
             raise ControlError(NOT_FOUND, str(exc)) from exc
         return f"{name}@{domain}"
 
+    def _aor(text: str) -> str:
+        """``1001``, ``1001@localhost`` or ``sip:1001@localhost`` -> the canonical AoR."""
+        t = text if text.startswith(("sip:", "sips:")) else "sip:" + text
+        if "@" not in t:
+            t = f"{t}@{ctx.settings.server.domains[0]}"
+        try:
+            uri = parse_uri(t)
+        except SipParseError as exc:
+            raise ControlError(400, f"not an address of record: {text!r}") from exc
+        if not isinstance(uri, SipUri):
+            raise ControlError(400, f"not a SIP address of record: {text!r}")
+        return canonical_aor(uri, ctx.settings.server.domain_aliases)
+
+    async def ul_dump() -> dict[str, Any]:
+        return {"aors": ctx.location.aor_count, "bindings": ctx.location.binding_count,
+                "records": ctx.location.dump()}
+
+    async def ul_lookup(aor: str) -> list[dict[str, Any]]:
+        key = _aor(aor)
+        found = ctx.location.dump(key).get(key)
+        if not found:
+            raise ControlError(NOT_FOUND, f"no bindings for {key}")
+        return found
+
+    async def ul_rm(aor: str) -> int:
+        return await ctx.location.remove(_aor(aor))
+
+    registry.register("ul.dump", ul_dump, help="Every registered binding, by address of record.")
+    registry.register("ul.lookup", ul_lookup, help="The bindings of one address of record.",
+                      params_doc={"aor": "1001, 1001@domain or sip:1001@domain"})
+    registry.register("ul.rm", ul_rm, help="Remove every binding of an address of record.",
+                      params_doc={"aor": "1001, 1001@domain or sip:1001@domain"})
     registry.register("stats", stats, help="Counters of transports, transactions and the proxy.")
     registry.register("config.show", config_show,
                       help="The running configuration, secrets redacted.")

@@ -1,0 +1,66 @@
+"""The control socket of a running server: core methods driven by `sipbill ctl`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from sipbill.ctlclient import ControlClient
+from sipbill.control import ControlError
+from tests.support import SCENARIOS, SIPBILL, ServerProcess, free_port, run_sipp
+
+
+@pytest.fixture(scope="module")
+def server(db_dsn: str) -> Iterator[ServerProcess]:
+    srv = ServerProcess(db_dsn, extra={"auth": {"algorithms": ["MD5"], "check_uri": False}})
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+def ctl(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SIPBILL, "--config", str(server.config_path), "ctl", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_ul_dump_shows_a_registration_and_ul_rm_removes_it(server: ServerProcess) -> None:
+    port = free_port()
+    res = run_sipp("register_auth.xml", server.port, "-inf", str(SCENARIOS / "users.csv"),
+                   local_port=port, calls=1, timeout=15)
+    assert res.returncode == 0, res.output
+    out = ctl(server, "--json", "ul.dump")
+    assert out.returncode == 0, out.stderr
+    dump = json.loads(out.stdout)
+    contacts = [b["contact"] for b in dump["records"]["sip:1001@localhost"]]
+    assert f"<sip:1001@127.0.0.1:{port};transport=UDP>".strip("<>") in contacts[0]
+    looked = ctl(server, "--json", "ul.lookup", "1001")
+    assert looked.returncode == 0 and str(port) in looked.stdout
+    assert ctl(server, "ul.rm", "1001@localhost").returncode == 0
+    gone = ctl(server, "ul.lookup", "1001")
+    assert gone.returncode == 1 and "no bindings" in gone.stderr
+
+
+def test_core_methods_and_errors(server: ServerProcess) -> None:
+    with ControlClient(str(server.control_socket)) as client:
+        names = client.call("system.list_methods")
+        for m in ("stats", "config.show", "ul.dump", "ul.lookup", "ul.rm", "subscriber.add",
+                  "subscriber.list", "subscriber.passwd", "subscriber.del"):
+            assert m in names
+        cfg = client.call("config.show")
+        assert cfg["database"]["url"] == "***"  # secrets redacted
+        assert client.call("subscriber.add", user="2001", password="pw2001") == "2001@localhost"
+        assert any(s["username"] == "2001" for s in client.call("subscriber.list"))
+        with pytest.raises(ControlError) as err:
+            client.call("subscriber.add", user="2001", password="again")
+        assert err.value.code == 409
+        client.call("subscriber.del", user="2001")
+        with pytest.raises(ControlError) as err:
+            client.call("no.such_method")
+        assert err.value.code == -32601
+        stats = client.call("stats")
+        assert stats["transport"]["udp_datagrams_in"] >= 0 and "proxy" in stats
