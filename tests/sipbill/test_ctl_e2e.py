@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from sipbill.ctlclient import ControlClient
 from sipbill.control import ControlError
+from sipbill.ctlclient import ControlClient
 from tests.support import SCENARIOS, SIPBILL, ServerProcess, free_port, run_sipp
 
 
