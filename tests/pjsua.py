@@ -67,7 +67,7 @@ __all__ = [
 DOMAIN = "localhost"
 #: Transports made per kind when the endpoint starts (one per phone alive at the same time).
 POOL_SIZE = 4
-#: How long PJSIP may hold a call lock before a retried call operation gives up.
+#: Tries of a call operation PJSIP refused because the call's lock stayed busy (2 s each).
 _CALL_OP_ATTEMPTS = 3
 
 
@@ -343,13 +343,9 @@ class Phone:
 
     # -------------------------------------------------------------- callbacks (PJSIP thread)
     def _on_reg_state(self, prm: pj.OnRegStateParam) -> None:
-        response = ""
-        try:
-            response = prm.rdata.wholeMsg
-        except Exception:  # no response: timeout or transport error
-            response = ""
+        # rdata is empty when no response came (timeout, transport error).
         self.reg_events.append(RegEvent(int(prm.code), prm.reason, int(prm.expiration),
-                                        response or ""))
+                                        prm.rdata.wholeMsg))
 
     def _on_incoming_call(self, prm: pj.OnIncomingCallParam) -> None:
         assert self.account is not None
