@@ -90,6 +90,7 @@ from __future__ import annotations
 
 import heapq
 import zlib
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
@@ -421,7 +422,7 @@ Event = (
 # --------------------------------------------------------------------------- transactions
 
 
-class _Tx:
+class _Tx(ABC):
     """What every transaction has: its key, state, where it sends, and its two timer slots.
 
     ``rtx_seq`` is the live retransmission timer (A, E or G), ``life_seq`` the live timer that
@@ -447,8 +448,9 @@ class _Tx:
         self.life_seq = 0
         self.interval = 0.0
 
+    @abstractmethod
     def on_timer(self, layer: TransactionLayer, name: str, now: float) -> None:
-        raise NotImplementedError
+        """A timer of this transaction fired (``name`` is "A".."M" or ``CANCEL_GUARD``)."""
 
 
 class _ServerTx(_Tx):
@@ -465,12 +467,14 @@ class _ServerTx(_Tx):
         self.request = request
         self.last_response = None
 
+    @abstractmethod
     def on_retransmission(self, layer: TransactionLayer) -> None:
-        raise NotImplementedError
+        """The request arrived again: re-send the last response, if any."""
 
+    @abstractmethod
     def on_send_response(self, layer: TransactionLayer, data: bytes, status: int,
                          now: float) -> bool:
-        raise NotImplementedError
+        """The TU responds; False when the state allows no such response."""
 
 
 class _InviteServerTx(_ServerTx):
@@ -605,9 +609,10 @@ class _ClientTx(_Tx):
         super().__init__(key, state, dest)
         self.request_bytes = request_bytes
 
+    @abstractmethod
     def on_response(self, layer: TransactionLayer, response: Response, source: Peer,
                     now: float) -> None:
-        raise NotImplementedError
+        """A response matched this client transaction."""
 
 
 class _InviteClientTx(_ClientTx):
