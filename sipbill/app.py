@@ -25,6 +25,8 @@ from aiohttp import web
 from sipbill.control import ControlServer, MethodRegistry
 from sipbill.coremethods import register_core_methods
 from sipbill.db import EmbeddedPostgres, create_pool, migrate
+from sipbill.metrics import Metrics
+from sipbill.modules import setup_modules
 from sipbill.settings import Settings, auth_secret
 from sipcore.auth import DigestAuth, realms_for_domains
 from sipcore.digest import NonceIssuer
@@ -57,6 +59,7 @@ class AppContext:
     subscribers: SubscriberStore
     http: web.Application
     location: LocationService
+    methods: MethodRegistry
     started_at: float = field(default_factory=time.time)
     shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
@@ -71,6 +74,7 @@ class Application:
         self.http_runner: web.AppRunner | None = None
         self.listening: list[str] = []
         self.control: ControlServer | None = None
+        self.metrics: Metrics | None = None
         self.worker_id = 0
 
     async def start(self) -> None:
@@ -130,9 +134,8 @@ class Application:
         realm_of = realms_for_domains(s.server.domains, aliases)
         auth = DigestAuth(subscribers, nonces, realm_of, s.auth)
         pipeline.add(Stage.AUTH, auth, name="auth")
-        pipeline.add(Stage.REGISTRAR, Registrar(location, s.server.domains, s.registrar,
-                                                  aliases=aliases),
-                     methods={"REGISTER"}, name="registrar")
+        registrar = Registrar(location, s.server.domains, s.registrar, aliases=aliases)
+        pipeline.add(Stage.REGISTRAR, registrar, methods={"REGISTER"}, name="registrar")
         pipeline.add(Stage.LOCATION, LocationLookup(location, subscribers, s.server.domains,
                                                     aliases),
                      name="location")
@@ -141,9 +144,20 @@ class Application:
         pipeline.add(Stage.LOCATION, GatewayRouter(gateways,
                      international_prefix=s.proxy.international_prefix), name="gateways")
         http = web.Application()
+        registry = MethodRegistry()
         self.ctx = AppContext(s, self.pool, stack, pipeline, events, proxy, identity,
-                              subscribers, http, location)
+                              subscribers, http, location, registry)
+        self.ctx.services.update(auth=auth, nonces=nonces)
+        register_core_methods(registry, self.ctx)
+        # The metrics collector reads these components' counters at scrape time.
+        self.ctx.services["auth"] = auth
+        self.ctx.services["registrar"] = registrar
+        self.metrics = Metrics(self.ctx)
         http.router.add_get("/health", self._health)
+        http.router.add_get("/metrics", self.metrics.handler)
+        # Modules plug in last: pipeline handlers, event listeners, methods, HTTP routes.
+        for name in await setup_modules(self.ctx):
+            log.info("event=module_started module=%s", name)
         if s.http.enabled:
             self.http_runner = web.AppRunner(http, access_log=None)
             await self.http_runner.setup()
@@ -152,10 +166,9 @@ class Application:
             await site.start()
             self.listening.append(f"http:{host}:{port}")
         if s.control.enabled:
-            registry = MethodRegistry()
-            register_core_methods(registry, self.ctx)
-            self.ctx.services["control_registry"] = registry
-            self.control = ControlServer(registry, s.control_socket_path)
+            self.metrics.control_methods = registry
+            self.control = ControlServer(registry, s.control_socket_path,
+                                         on_request=self.metrics.observe_control)
             await self.control.start()
             self.listening.append(f"control:{s.control_socket_path}")
         for where in self.listening:

@@ -18,9 +18,12 @@ from __future__ import annotations
 import argparse
 import importlib
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sipbill.settings import MODULE_SECTIONS
+
+if TYPE_CHECKING:
+    from sipbill.app import AppContext
 
 MODULES: tuple[str, ...] = ("billing", "msilo", "presence", "clicktodial")
 
@@ -52,3 +55,23 @@ def register_module_cli(subparsers: Any) -> list[argparse.ArgumentParser]:
         mod.register_cli(subparsers)
         added.extend(p for name, p in subparsers.choices.items() if name not in before)
     return added
+
+
+async def setup_modules(ctx: AppContext) -> list[str]:
+    """Run each module's ``service.setup(ctx)``; returns the names of the modules started.
+
+    A module whose settings section says ``enabled = false`` is skipped. ``setup`` may add
+    pipeline handlers, subscribe to events, register control methods (``ctx.methods``), add
+    HTTP routes (``ctx.http``, before the server starts) and append ``ctx.shutdown_hooks``.
+    """
+    started: list[str] = []
+    for module in MODULES:
+        mod = _optional(f"{module}.service")
+        if mod is None or not hasattr(mod, "setup"):
+            continue
+        section = ctx.settings.modules.get(module)
+        if section is not None and not getattr(section, "enabled", True):
+            continue
+        await mod.setup(ctx)
+        started.append(module)
+    return started
