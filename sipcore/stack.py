@@ -28,6 +28,13 @@ from sipcore.transport_types import Peer
 
 log = logging.getLogger("sipcore.stack")
 
+#: Methods counted under their own name in :attr:`SipStack.requests_in` (RFC 3261 and the
+#: extension RFCs 3262, 3265/6665, 3311, 3428, 3515, 3903, 6086); anything else is "other".
+KNOWN_METHODS = frozenset({
+    "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "PRACK", "SUBSCRIBE", "NOTIFY",
+    "PUBLISH", "INFO", "REFER", "MESSAGE", "UPDATE",
+})
+
 __all__ = ["ClientCallback", "SipStack", "TransactionUser"]
 
 
@@ -73,6 +80,12 @@ class SipStack:
             "stray_responses": 0, "overload_rejections": 0,
         }
         self.parse_error_reasons: dict[str, int] = {}
+        # Traffic counters for the metrics module, read at scrape time. Keys come from
+        # attributes the transaction layer parses anyway; methods outside the known set share
+        # one key so a peer inventing method names cannot grow these dicts without bound.
+        self.requests_in: dict[str, int] = {}
+        self.responses_in: dict[int, int] = {}  # by status class (1..6)
+        self.responses_out: dict[int, int] = {}  # by status class, sent on server transactions
 
     # ------------------------------------------------------------------ receive path
     def message_received(self, data: bytes, peer: Peer, stream: bool) -> None:
@@ -84,8 +97,12 @@ class SipStack:
             return
         try:
             if isinstance(msg, Request):
+                method = msg.method if msg.method in KNOWN_METHODS else "other"
+                self.requests_in[method] = self.requests_in.get(method, 0) + 1
                 self.layer.receive_request(msg, peer, now)
             else:
+                klass = msg.status // 100
+                self.responses_in[klass] = self.responses_in.get(klass, 0) + 1
                 self.layer.receive_response(msg, peer, now)
         except SipParseError as exc:
             # A lazily parsed header the layer needed (Via, CSeq...) was malformed.
@@ -128,6 +145,8 @@ class SipStack:
 
     def send_response(self, tx: txn.TxKey, data: bytes, status: int) -> None:
         """Send ready-made response bytes (a forwarded response) on server transaction ``tx``."""
+        klass = status // 100
+        self.responses_out[klass] = self.responses_out.get(klass, 0) + 1
         self.layer.send_response(tx, data, status, self.loop.time())
         self.pump()
 
