@@ -19,6 +19,8 @@ registers its own handlers at both ends of the walk:
   other branches on a 2xx or 6xx (§16.7 step 10), runs Timer C per INVITE branch (§16.6 step
   11), and fails over to the next target group (``ctx.serial_targets``: gateways) on 408, 5xx
   or a timeout. No targets: 480 for a local user who is offline, 404 for an unknown one.
+  When every branch failed, a module's ``failure_hooks`` (Kamailio's failure_route) may
+  answer instead of the best response: msilo stores a MESSAGE the phone did not take.
 
 CANCEL (§16.10) answers 200 at once and cancels every pending branch of the matching INVITE;
 the downstream 487 then flows back as the best response. The ACK for a 2xx (its own
@@ -64,6 +66,12 @@ _DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
 
 #: Extra headers for a response on its way upstream (billing's Balance-amount on a 2xx).
 ResponseHook = Callable[[RequestContext, Response], list[tuple[str, str]]]
+
+#: Kamailio's failure_route: every branch of a forwarded request ended without a 2xx.  Gets the
+#: status that would go upstream and the best response (None: no response at all, a timeout or
+#: transport failure of our own).  Returning True takes the answer over: the hook (or a task it
+#: started) answers through ``ctx.reply`` -- msilo stores a MESSAGE the phone did not take.
+FailureHook = Callable[[RequestContext, int, Response | None], bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -405,6 +413,10 @@ class ResponseContext:
             return
         self.final_sent = True
         self.core.finished(self)
+        if not self.cancelled:
+            for hook in self.core.failure_hooks:
+                if hook(self.ctx, status or 408, self.best):
+                    return
         if self.best is not None:
             headers = self.auth_headers if self.best_status in (401, 407) else ()
             self._forward_upstream(self.best, merge_auth=headers)
@@ -464,6 +476,7 @@ class ProxyCore:
         self.contexts: dict[txn.TxKey, RequestContext] = {}
         self.responses: dict[txn.TxKey, ResponseContext] = {}
         self.response_hook: ResponseHook | None = None
+        self.failure_hooks: list[FailureHook] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats: dict[str, int] = {k: 0 for k in (
             "requests", "branches", "failovers", "loops", "acks_forwarded", "acks_dropped",
