@@ -345,6 +345,16 @@ _SELECT_COLUMNS: Final = """
 _SHARED_MAX: Final = 4096
 
 
+class _AorLock:
+    """Serialises the updates of one AoR; dropped when nobody holds or waits for it."""
+
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class LocationService:
     """In-memory bindings with write-through to PostgreSQL, expiry and multi-node sync.
 
@@ -388,6 +398,7 @@ class LocationService:
         self._expiry_handle: asyncio.TimerHandle | None = None
         self._expiry_at: float | None = None
         self._inflight: dict[str, asyncio.Future[None]] = {}
+        self._aor_locks: dict[str, _AorLock] = {}
         self._queue: list[_Op] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flush_task: asyncio.Task[None] | None = None
@@ -456,9 +467,25 @@ class LocationService:
         Raises :class:`LocationWriteError` if the write failed; then nothing changed.  The
         caller emits :meth:`BindingChange.events` (after it has answered the REGISTER).
         """
-        inflight = self._inflight
-        while (pending := inflight.get(aor)) is not None:
-            await asyncio.wait((pending,))
+        # One update per AoR at a time, in arrival order: each plan sees the committed result
+        # of the previous one. A FIFO lock wakes one waiter per commit; waiting on the shared
+        # in-flight marker instead woke every queued REGISTER of the AoR on each commit.
+        entry = self._aor_locks.get(aor)
+        if entry is None:
+            entry = self._aor_locks[aor] = _AorLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                pending = self._inflight.get(aor)
+                if pending is not None:  # an expiry write of this AoR is still in flight
+                    await asyncio.wait((pending,))
+                return await self._update_locked(aor, plan)
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._aor_locks[aor]
+
+    async def _update_locked(self, aor: str, plan: Plan) -> BindingChange:
         current = self._by_aor.get(aor, ())
         change = plan(current)
         if change is None or not change.changed:
