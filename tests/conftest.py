@@ -14,12 +14,16 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 
 from sipbill.db import EmbeddedPostgres, migrate
+
+if TYPE_CHECKING:
+    from tests.pjsua import UserAgents
 
 
 @pytest.fixture(scope="session")
@@ -86,3 +90,14 @@ async def db_pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
         yield pool
     finally:
         await pool.close()
+
+
+@pytest.fixture(scope="session")
+def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserAgents]:
+    """The process's one pjsua2 endpoint, shared by every test module with phones (pjsua2
+    allows one ``Endpoint`` per process); destroyed after every phone is gone. Imported here,
+    not at the top, so sessions without phone tests never load PJSIP."""
+    from tests.pjsua import UserAgents
+
+    log = tmp_path_factory.mktemp("pjsua") / "pjsua.log"
+    yield from UserAgents.session(log)

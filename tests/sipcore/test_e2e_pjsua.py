@@ -41,11 +41,8 @@ def password(user: str) -> str:
 
 
 # ------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def agents(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UserAgents]:
-    """The process's one pjsua2 endpoint; destroyed after every phone is gone."""
-    log = tmp_path_factory.mktemp("pjsua") / "pjsua.log"
-    yield from UserAgents.session(log)
+# ``agents`` (the process's one pjsua2 endpoint) lives in tests/conftest.py: every test
+# module with phones shares it, since pjsua2 allows one Endpoint per process.
 
 
 def _server(db_dsn: str, *, port: int = 0, http_port: int = 0,
