@@ -81,18 +81,21 @@ FailureStatus = Literal["busy", "no_answer", "rejected", "offline", "cancelled",
 FAILURE_STATUSES: Final = frozenset(
     {"busy", "no_answer", "rejected", "offline", "cancelled", "failed"}
 )
-MISSED_STATUSES: Final = ("busy", "no_answer", "offline", "cancelled")
+# The callee's missed calls (issue 5): offline, unanswered (timeout or the caller's CANCEL),
+# busy or declined. "failed" (a server or network error) is not something the callee missed.
+MISSED_STATUSES: Final = ("busy", "no_answer", "rejected", "offline", "cancelled")
 CREDIT_EXHAUSTED: Final = "credit_exhausted"
 RECOVERED: Final = "recovered"
 
 # What "the database is unreachable" looks like through asyncpg.
-_DB_DOWN = (
+DATABASE_UNREACHABLE: Final = (
     OSError,
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
 )
+_DB_DOWN = DATABASE_UNREACHABLE
 
 
 class UnknownCall(LookupError):
@@ -119,6 +122,9 @@ class Authorization:
     max_duration: int = 0
     reserved: Decimal = Decimal(0)
     currency: str | None = None
+    # Balance less every reservation of the account, this call's included, as read under
+    # the row lock: what the phone is shown on the 200 OK (no second query on the hot path).
+    display_balance: Decimal | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,11 +259,15 @@ class CreditControl:
             )
             if existing is not None:
                 # The same INVITE authorised again (a retry after a lost reply): same answer.
+                reserved_now = await conn.fetchval(
+                    "SELECT COALESCE(sum(amount), 0) FROM reservations WHERE account_id = $1",
+                    account.id,
+                )
                 return Authorization(
                     call_id, True, 0, "ok", "OK", account_id=existing["account_id"],
                     destination=destination, rate=rate,
                     max_duration=existing["max_duration"], reserved=existing["amount"],
-                    currency=account.currency,
+                    currency=account.currency, display_balance=row["balance"] - reserved_now,
                 )
             if row["status"] == "locked":
                 log.info("event=call_refused call_id=%s reason=locked account=%s",
@@ -331,7 +341,8 @@ class CreditControl:
                  seconds, amount)
         return Authorization(call_id, True, 0, "ok", "OK", account_id=account.id,
                              destination=destination, rate=rate, max_duration=seconds,
-                             reserved=amount, currency=account.currency)
+                             reserved=amount, currency=account.currency,
+                             display_balance=row["balance"] - stats["reserved"] - amount)
 
     async def _record_unbillable(
         self,
@@ -719,11 +730,13 @@ class CreditControl:
     # -- queries for the proxy, the control socket and presence ---------------------------
 
     async def active_calls(self, account_id: int | None = None) -> list[dict[str, Any]]:
-        """Calls holding a reservation now (AstBill: query the database, not the switch)."""
+        """Calls holding a reservation now, with who calls whom from their CDR (AstBill:
+        query the database, not the switch), oldest first."""
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                "SELECT * FROM reservations WHERE $1::bigint IS NULL OR account_id = $1 "
-                "ORDER BY id",
+                "SELECT r.*, c.caller_username, c.caller_domain, c.callee, c.destination, "
+                "c.start_at FROM reservations r LEFT JOIN cdrs c ON c.call_id = r.call_id "
+                "WHERE $1::bigint IS NULL OR r.account_id = $1 ORDER BY r.id",
                 account_id,
             )
         return [dict(r.items()) for r in rows]
@@ -736,13 +749,24 @@ class CreditControl:
             return None
         return account.diversion_uri or self.settings.diversion_uri or None
 
-    async def missed_calls(self, callee: str, *, unseen_only: bool = True) -> list[dict[str, Any]]:
-        """Calls to ``callee`` that ended busy, unanswered, offline or cancelled."""
+    async def missed_calls(
+        self,
+        callee: str,
+        *,
+        unseen_only: bool = True,
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Calls to ``callee`` that ended busy, declined, unanswered, offline or cancelled,
+        newest first; ``offset``/``limit`` page through them."""
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError("offset and limit must not be negative")
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM cdrs WHERE callee = $1 AND status = ANY($2::text[]) "
-                "AND (NOT $3 OR NOT seen) ORDER BY start_at DESC, id DESC",
-                callee, list(MISSED_STATUSES), unseen_only,
+                "AND (NOT $3 OR NOT seen) ORDER BY start_at DESC, id DESC "
+                "OFFSET $4 LIMIT $5",
+                callee, list(MISSED_STATUSES), unseen_only, offset, limit,
             )
         return [cdr_dict(r) for r in rows]
 

@@ -24,6 +24,9 @@ from billing.money import (
 
 _SIP_METHODS = ("REGISTER", "INVITE")
 
+SECTION = "billing"
+"""The TOML section (:mod:`sipbill.modules` registers :data:`SETTINGS` under it)."""
+
 
 def _amount_problem(key: str, text: str, *, allow_negative: bool = False) -> list[tuple[str, str]]:
     try:
@@ -203,3 +206,5 @@ class BillingSettings:
     def zone(self) -> zoneinfo.ZoneInfo:
         return zoneinfo.ZoneInfo(self.timezone)
 
+
+SETTINGS = BillingSettings
