@@ -135,10 +135,23 @@ async def migrate(
     return applied_now
 
 
+async def _light_reset(conn: Conn) -> None:
+    """Pool release without asyncpg's default ``RESET ALL; UNLISTEN *; ...`` round trip.
+
+    Our queries never change session state (no SET, no session advisory locks on pooled
+    connections, LISTEN only on connections held for good), so the default reset only costs a
+    round trip on every release: on the REGISTER path that was ~7 % of the CPU. An
+    unfinished transaction (an exception in the middle of one) is still rolled back.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10,
                       command_timeout: float = 5.0) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout
+        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
+        reset=_light_reset,
     )
     assert pool is not None
     return pool
