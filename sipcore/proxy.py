@@ -279,13 +279,16 @@ class ResponseContext:
         if core.settings.record_route and req.method in _DIALOG_CREATING and not req.to_addr.tag:
             rr = core.identity.record_route_uri(transport)
             if transport != self.ctx.source.transport:
-                # Bridging transports: two entries so each side sees the one it can reach.
-                rr = f"{core.identity.record_route_uri(self.ctx.source.transport)}, {rr}"
-        add = [("Route", p) for p in target.path]
-        remove = self.ctx.attrs.get("remove_headers", ())
+                # Bridging transports (RFC 5658 double Record-Route): the callee uses the
+                # Record-Route values top first, the caller bottom first, so the entry facing
+                # the callee goes on top and the one facing the caller below it.
+                rr = f"{rr}, {core.identity.record_route_uri(self.ctx.source.transport)}"
+        pop, remove_routes, rest = _route_edits(req, self.ctx.attrs.get("own_routes", 0))
+        add = [("Route", p) for p in target.path] + rest
+        remove = {*self.ctx.attrs.get("remove_headers", ()), *remove_routes}
         try:
             data = req.forward(via=via, request_uri=target.uri, record_route=rr,
-                               pop_route=bool(self.ctx.attrs.get("pop_route")),
+                               pop_route=pop,
                                add_headers=add + list(self.ctx.attrs.get("branch_headers", ())),
                                remove_headers=remove)
             fwd = parse_message(data)
@@ -453,6 +456,18 @@ class ResponseContext:
         self.core.stack.send_response(self.ctx.tx, data, status)
 
 
+def _route_edits(req: Request, own: int) -> tuple[bool, tuple[str, ...], list[tuple[str, str]]]:
+    """Splice arguments that drop our ``own`` leading Route values (§16.4).
+
+    One is a plain pop; more (a double Record-Route) rewrites the Route header with the rest,
+    in order.
+    """
+    if own <= 1:
+        return own == 1, (), []
+    rest = req.header_values("Route")[own:]
+    return False, ("Route",), [("Route", value) for value in rest]
+
+
 def _raw_values(msg: Response | Request, name: str) -> list[str]:
     """Header values without comma splitting (challenges contain commas)."""
     return msg.header_values(name, split=False)
@@ -562,7 +577,7 @@ class ProxyCore:
             return ctx.reply(482, "Loop Detected")
         if req.method == "OPTIONS" and self._addressed_to_me(req):
             return self._options(ctx)
-        ctx.attrs["pop_route"] = self._top_route_is_me(req)
+        ctx.attrs["own_routes"] = self._own_routes(req)
         return False
 
     def _options(self, ctx: RequestContext) -> bool:
@@ -581,15 +596,21 @@ class ProxyCore:
         return self.identity.is_local_domain(uri.host) and (
             uri.port is None or self.identity.is_me(uri.host, uri.port))
 
-    def _top_route_is_me(self, req: Request) -> bool:
-        routes = req.routes
-        if not routes:
-            return False
-        try:
-            uri = routes[0].parsed_uri
-        except SipParseError:
-            return False
-        return isinstance(uri, SipUri) and self.identity.is_me(uri.host, uri.port)
+    def _own_routes(self, req: Request) -> int:
+        """How many Route values at the top address this server (§16.4): one normally, two
+        when we double-record-routed a transport bridge."""
+        if not req.has_header("Route"):
+            return 0
+        n = 0
+        for route in req.routes:
+            try:
+                uri = route.parsed_uri
+            except SipParseError:
+                break
+            if not (isinstance(uri, SipUri) and self.identity.is_me(uri.host, uri.port)):
+                break
+            n += 1
+        return n
 
     def _is_loop(self, req: Request) -> bool:
         vias = req.vias
@@ -649,7 +670,8 @@ class ProxyCore:
     def _in_dialog_bytes(self, req: Request, dest: Peer) -> bytes:
         host, port = self.identity.sent_by(dest.transport)
         via = f"SIP/2.0/{dest.transport} {host}:{port};branch={new_branch(_loop_hash(req))}"
-        return req.forward(via=via, pop_route=self._top_route_is_me(req))
+        pop, remove, rest = _route_edits(req, self._own_routes(req))
+        return req.forward(via=via, pop_route=pop, remove_headers=remove, add_headers=rest)
 
     # -- outcomes reported by response contexts
     def answered(self, rc: ResponseContext, b: Branch, response: Response) -> None:
