@@ -31,6 +31,7 @@ from sipbill.settings import Settings, auth_secret
 from sipcore.auth import DigestAuth, realms_for_domains
 from sipcore.digest import NonceIssuer
 from sipcore.gateways import Gateway, GatewayRouter
+from sipcore.latency import LatencyHistogram
 from sipcore.location import LocationService
 from sipcore.pipeline import EventBus, Pipeline, Stage
 from sipcore.proxy import LocalIdentity, ProxyCore, ProxySettings
@@ -76,6 +77,7 @@ class Application:
         self.control: ControlServer | None = None
         self.metrics: Metrics | None = None
         self.worker_id = 0
+        self.db_latency = LatencyHistogram()
 
     async def start(self) -> None:
         s = self.settings
@@ -84,7 +86,7 @@ class Application:
         if not dsn:
             self.embedded = EmbeddedPostgres(s.data_path / "pg")
             dsn = await asyncio.to_thread(self.embedded.start)
-        self.pool = await create_pool(dsn, min_size=s.database.pool_min,
+        self.pool = await create_pool(dsn, latency=self.db_latency, min_size=s.database.pool_min,
                                       max_size=s.database.pool_max,
                                       command_timeout=s.database.command_timeout)
         async with self.pool.acquire() as conn:
@@ -147,11 +149,13 @@ class Application:
         registry = MethodRegistry()
         self.ctx = AppContext(s, self.pool, stack, pipeline, events, proxy, identity,
                               subscribers, http, location, registry)
-        self.ctx.services.update(auth=auth, nonces=nonces)
+        self.ctx.services.update(auth=auth, nonces=nonces, db_latency=self.db_latency)
         register_core_methods(registry, self.ctx)
         # The metrics collector reads the registrar's (and auth's) counters at scrape time.
         self.ctx.services["registrar"] = registrar
         self.metrics = Metrics(self.ctx)
+        # Modules add their own collectors here (their counters, read at scrape time).
+        self.ctx.services["metrics_registry"] = self.metrics.registry
         http.router.add_get("/health", self._health)
         http.router.add_get("/metrics", self.metrics.handler)
         # Modules plug in last: pipeline handlers, event listeners, methods, HTTP routes.

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from asyncpg.connection import LoggedQuery
+
+from sipcore.latency import LatencyHistogram
 
 if TYPE_CHECKING:
     from asyncpg import Record
@@ -147,11 +150,27 @@ async def _light_reset(conn: Conn) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _statement_kind(query: str) -> str:
+    word = query.lstrip(" \t\r\n(").split(None, 1)[0].upper() if query.strip() else ""
+    return word if word in ("SELECT", "INSERT", "UPDATE", "DELETE", "WITH") else "other"
+
+
 async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 10,
-                      command_timeout: float = 5.0) -> asyncpg.Pool:
+                      command_timeout: float = 5.0,
+                      latency: LatencyHistogram | None = None) -> asyncpg.Pool:
+    """A connection pool; with ``latency``, every query's duration is recorded in it by
+    statement kind (asyncpg's query logger), for the database latency histogram."""
+
+    async def init(conn: Conn) -> None:
+        if latency is not None:
+            def log_query(q: LoggedQuery) -> None:
+                latency.observe(_statement_kind(q.query), q.elapsed)
+
+            conn.add_query_logger(log_query)
+
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
-        reset=_light_reset,
+        reset=_light_reset, init=init,
     )
     assert pool is not None
     return pool

@@ -22,8 +22,15 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+
+from sipcore.latency import LatencyHistogram
 
 if TYPE_CHECKING:
     from sipbill.app import AppContext
@@ -84,6 +91,7 @@ class SipbillCollector(Collector):
         yield from self._auth()
         yield from self._control()
         yield from self._db()
+        yield from self._latency()
 
     def _traffic(self) -> Iterator[Metric]:
         stack = self.ctx.stack
@@ -221,6 +229,22 @@ class SipbillCollector(Collector):
         yield fam
         yield GaugeMetricFamily("sipbill_db_pool_max_connections",
                                 "Database pool size limit.", value=pool.get_max_size())
+        db_latency = self.ctx.services.get("db_latency")
+        if isinstance(db_latency, LatencyHistogram):
+            yield _histogram("sipbill_db_query_duration_seconds",
+                             "Database query time by statement kind.", "kind", db_latency)
+
+    def _latency(self) -> Iterator[Metric]:
+        yield _histogram("sipbill_sip_request_processing_seconds",
+                         "Time from a request's arrival until the server answered or relayed "
+                         "it (the pipeline walk), by method.", "method", self.ctx.proxy.latency)
+
+
+def _histogram(name: str, doc: str, label: str, hist: LatencyHistogram) -> Metric:
+    fam = HistogramMetricFamily(name, doc, labels=[label])
+    for value, buckets, total in hist.cumulative():
+        fam.add_metric([value], buckets, total)
+    return fam
 
 
 class Metrics:

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from sipcore import transaction as txn
 from sipcore.errors import SipParseError
+from sipcore.latency import LatencyHistogram
 from sipcore.message import Request, Response, build_request, parse_message
 from sipcore.pipeline import EventBus, Pipeline, RequestContext, Stage, Target
 from sipcore.stack import SipStack
@@ -63,6 +64,11 @@ SUPPORTED_EXTENSIONS = frozenset({"path", "outbound", "replaces", "norefersub"})
 ALLOW = ("INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, SUBSCRIBE, NOTIFY, REFER, "
          "INFO, UPDATE, PRACK")
 _DIALOG_CREATING = frozenset({"INVITE", "SUBSCRIBE", "REFER"})
+#: Methods with their own latency label; others are "other" (bounded label cardinality).
+_KNOWN_METHODS = frozenset({
+    "INVITE", "ACK", "BYE", "CANCEL", "OPTIONS", "REGISTER", "MESSAGE", "SUBSCRIBE", "NOTIFY",
+    "REFER", "INFO", "UPDATE", "PRACK", "PUBLISH",
+})
 
 #: Extra headers for a response on its way upstream (billing's Balance-amount on a 2xx).
 ResponseHook = Callable[[RequestContext, Response], list[tuple[str, str]]]
@@ -488,6 +494,8 @@ class ProxyCore:
         self.identity = identity
         self.settings = settings or ProxySettings()
         self.dialogs = DialogTable()
+        #: Pipeline processing time per method (exported as a Prometheus histogram).
+        self.latency = LatencyHistogram()
         self.contexts: dict[txn.TxKey, RequestContext] = {}
         self.responses: dict[txn.TxKey, ResponseContext] = {}
         self.response_hook: ResponseHook | None = None
@@ -509,9 +517,17 @@ class ProxyCore:
         request.stamp_received(source)  # §18.2.1 / RFC 3581: received/rport in our copy
         ctx = RequestContext(request, source, tx, self._reply, now=time.time())
         self.contexts[tx] = ctx
-        task = self.loop.create_task(self.pipeline.run(ctx))
+        task = self.loop.create_task(self._run(ctx, self.loop.time()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, ctx: RequestContext, started: float) -> None:
+        """The pipeline walk, timed: from the request's arrival until it was answered or
+        relayed (downstream answer time is not ours and is not counted)."""
+        await self.pipeline.run(ctx)
+        method = ctx.request.method
+        self.latency.observe(method if method in _KNOWN_METHODS else "other",
+                             self.loop.time() - started)
 
     def _reply(self, ctx: RequestContext, status: int, reason: str | None,
                headers: Iterable[tuple[str, str]], body: bytes, to_tag: str | None) -> None:

@@ -79,6 +79,10 @@ def test_metrics_move_with_sipp_traffic(server: ServerProcess) -> None:
     pool = value(after, "sipbill_db_pool_connections", state="idle") + value(
         after, "sipbill_db_pool_connections", state="in_use")
     assert pool >= 1
+    # Latency histograms: the pipeline walk per method and the database queries.
+    proc = "sipbill_sip_request_processing_seconds_count"
+    assert value(after, proc, method="REGISTER") >= value(before, proc, method="REGISTER") + 2
+    assert value(after, "sipbill_db_query_duration_seconds_count", kind="SELECT") >= 1
 
 
 def dashboard_metric_names() -> set[str]:
