@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sipcore import transaction as txn
+from sipcore.checks import request_checks
 from sipcore.errors import SipParseError
 from sipcore.latency import LatencyHistogram
 from sipcore.message import Request, Response, build_request, parse_message
@@ -578,20 +579,16 @@ class ProxyCore:
     # -- pipeline stages owned by the core
     def _reqinit(self, ctx: RequestContext) -> bool:
         req = ctx.request
-        mf = req.max_forwards
-        if mf is not None and mf <= 0:
-            if req.method == "OPTIONS" and self._addressed_to_me(req):
-                return self._options(ctx)
-            return ctx.reply(483, "Too Many Hops")
-        required = [p.strip().lower() for p in req.header_values("Proxy-Require") if p.strip()]
-        unsupported = [p for p in required if p not in SUPPORTED_EXTENSIONS]
-        if unsupported:
-            return ctx.reply(420, "Bad Extension",
-                             headers=[("Unsupported", ", ".join(unsupported))])
+        to_me = req.method == "OPTIONS" and self._addressed_to_me(req)
+        try:
+            # §16.3 steps 1, 3, 5: header syntax, Max-Forwards (483), Proxy-Require (420).
+            request_checks(req, supported=SUPPORTED_EXTENSIONS, local_target=to_me)
+        except SipParseError as exc:
+            return ctx.reply(exc.status, exc.reason, headers=exc.headers)
         if self._is_loop(req):
             self.stats["loops"] += 1
             return ctx.reply(482, "Loop Detected")
-        if req.method == "OPTIONS" and self._addressed_to_me(req):
+        if to_me:
             return self._options(ctx)
         ctx.attrs["own_routes"] = self._own_routes(req)
         return False
