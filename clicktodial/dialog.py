@@ -30,8 +30,10 @@ a dialog before its 2xx).
 * **Incoming in-dialog requests** reach the leg through :class:`DialogRouter`, the IN_DIALOG
   stage handler registered first, so the proxy core does not answer 481 for dialogs it did
   not set up. A request matches when its Call-ID and To tag name one of our legs and its From
-  tag is that leg's remote tag; one still carrying a Route to this server is on its way
-  through the proxy (the 3PCC callee's requests pass it first) and is left to it.
+  tag is that leg's remote tag. A leg sent through the server's own proxy (``proxied``: the
+  3PCC callee) has the proxy's Record-Route in its route set, so the other side's requests
+  reach the proxy first with a Route header and come back to us without it (§16.4); only
+  the second arrival is ours, so the proxy's dialog table (and billing) see every one.
 """
 
 from __future__ import annotations
@@ -139,7 +141,12 @@ class DialogRouter:
         if not to_tag:
             return False
         leg = self._legs.get((req.call_id, to_tag))
-        if leg is None or req.from_addr.tag != leg.remote_tag or ctx.attrs.get("pop_route"):
+        if leg is None or req.from_addr.tag != leg.remote_tag:
+            return False
+        if leg.proxied and req.has_header("Route"):
+            # First arrival of a request in a dialog routed through our own proxy: the
+            # proxy relays it (its dialog table and billing see it) and it comes back to
+            # us without the Route entry.
             return False
         leg.on_request(leg, ctx)
         return True
@@ -150,7 +157,8 @@ class Leg:
 
     def __init__(self, uac: UserAgentClient, router: DialogRouter, spawn: Spawner, *,
                  uri: str, peer: Peer, local: str, remote: str, route: Sequence[str] = (),
-                 credentials: DigestAnswerer | None = None, label: str = "") -> None:
+                 credentials: DigestAnswerer | None = None, label: str = "",
+                 proxied: bool = False) -> None:
         self.uac = uac
         self.stack: SipStack = uac.stack
         self.router = router
@@ -161,6 +169,7 @@ class Leg:
         self.remote = remote              # To name-addr without tag
         self.credentials = credentials
         self.label = label
+        self.proxied = proxied
         host, _port = uac.identity.sent_by(peer.transport)
         self.call_id = new_call_id(host)
         self.local_tag = new_tag()

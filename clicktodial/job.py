@@ -272,10 +272,10 @@ class JobRunner:
                 leg.close()
 
     def _new_leg(self, *, uri: str, peer: Peer, local: str, remote: str,
-                 route: Sequence[str] = (), label: str) -> Leg:
+                 route: Sequence[str] = (), label: str, proxied: bool = False) -> Leg:
         leg = Leg(self.env.uac, self.env.router, self.env.spawn, uri=uri, peer=peer,
                   local=local, remote=remote, route=route, credentials=self.credentials,
-                  label=f"{self.job.id}/{label}")
+                  label=f"{self.job.id}/{label}", proxied=proxied)
         leg.on_request = self._on_request
         self.legs.append(leg)
         self.origins[leg] = sdp.Origin(self.env.uac.identity.sent_by(peer.transport)[0])
@@ -390,7 +390,7 @@ class JobRunner:
         log.info("event=c2d_fallback_3pcc job=%s refer_status=%d", job.id, job.refer_status)
         self.leg_b = leg_b = self._new_leg(uri=job.callee, peer=self.env.proxy_peer,
                                            local=f"<{job.caller}>", remote=f"<{job.callee}>",
-                                           label="callee")
+                                           label="callee", proxied=True)
         # Flow IV step 4: INVITE without an offer; the callee rings as long as it likes.
         final = await self._race_caller(leg_b.invite(b"", None, auto_ack=False),
                                         self.settings.callee_timeout, leg_b)
