@@ -534,7 +534,9 @@ class ProxyCore:
                headers: Iterable[tuple[str, str]], body: bytes, to_tag: str | None) -> None:
         hdrs = list(headers)
         if 200 <= status < 300:
-            hdrs += ctx.response_headers
+            # A handler may have put them in itself (the registrar lists them in its 200 OK
+            # so it works without the proxy core): add only what is not there yet.
+            hdrs += [h for h in ctx.response_headers if h not in hdrs]
         if status >= 300 and ctx.request.method == "INVITE" and not ctx.request.to_addr.tag:
             self.events.emit(CallFailed(ctx, status, _failure_reason(status, ctx)))
         self.stack.respond(ctx.tx, ctx.request, status, reason, headers=hdrs, body=body,
