@@ -448,7 +448,7 @@ class JobRunner:
         req = ctx.request
         method = req.method
         if method == "NOTIFY":
-            self._notify(ctx)
+            self._notify(leg, ctx)
         elif method == "BYE":
             ctx.reply(200)
             leg.remote_ended()
@@ -461,7 +461,7 @@ class JobRunner:
         else:
             ctx.reply(405, headers=[("Allow", _ALLOW)])
 
-    def _notify(self, ctx: RequestContext) -> None:
+    def _notify(self, leg: Leg, ctx: RequestContext) -> None:
         """RFC 3515 §2.4.4-2.4.5 / RFC 6665 §4.1.3: answer, then read the sipfrag."""
         req = ctx.request
         event = (req.header("Event") or "").split(";", 1)[0].strip().lower()
@@ -469,7 +469,8 @@ class JobRunner:
             ctx.reply(489, "Bad Event", headers=[("Allow-Events", "refer")])
             return
         sub_state = (req.header("Subscription-State") or "").split(";", 1)[0].strip().lower()
-        ctx.reply(200)
+        # NOTIFY is a target refresh request (RFC 6665 §4.1.3): the 2xx carries our Contact.
+        ctx.reply(200, headers=[("Contact", leg.contact)])
         self.notifies.put_nowait((sipfrag_status(req.body), sub_state == "terminated"))
 
     def _hold_answer(self, leg: Leg, ctx: RequestContext) -> None:

@@ -1,13 +1,18 @@
-"""Click-to-dial where the caller's phone refuses REFER: the RFC 3725 fallback, end to end.
+"""Click-to-dial with SIPp playing the caller's phone: what pjsua2 phones cannot show.
 
-The caller is SIPp (``sipp-scenarios/c2d_refer_405.xml`` and ``c2d_refer_603.xml``),
-registered as 1001: it answers the server's INVITE, answers the REFER with 405 or 603 and
-then takes part in third-party call control: the re-INVITE it gets carries the callee's offer.
-The callee is a pjsua2 phone (1002), called by the server through its own proxy as 1001 with
-an INVITE without SDP (flow IV); its 2xx offer goes to SIPp, SIPp's answer comes back to it
-in the ACK. The two are then in a call with the server in the middle; when the callee hangs
-up, SIPp gets the BYE and its scenario ends successfully. With the fallback switched off the
-job fails ``refer_refused``.
+* **3PCC fallback** (``c2d_refer_405.xml``, ``c2d_refer_603.xml``): registered as 1001, SIPp
+  answers the server's INVITE, refuses the REFER with 405 or 603 and then takes part in
+  third-party call control: the re-INVITE it gets carries the callee's offer. The callee is a
+  pjsua2 phone (1002), called by the server through its own proxy as 1001 with an INVITE
+  without SDP (RFC 3725 flow IV); its 2xx offer goes to SIPp, SIPp's answer comes back to it
+  in the ACK. The two are then in a call with the server in the middle; when the callee hangs
+  up, SIPp gets the BYE and its scenario ends successfully. With the fallback switched off the
+  job fails ``refer_refused``.
+* **A phone that challenges** the INVITE with 401 and checks the credentials against the
+  subscriber's password (``c2d_auth_refer.xml``), then plays the transferee: 202 to the REFER
+  and NOTIFYs with the new call's status (200: connected; 486: failed ``callee_busy``).
+* **A phone that never NOTIFYs** after accepting the REFER (``c2d_refer_silent.xml``):
+  ``refer_timeout``.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ SIPP_AUTH = {"algorithms": ["MD5"], "check_uri": False}
 @pytest.fixture(scope="module")
 def server(db_dsn: str) -> Iterator[ServerProcess]:
     extra = {"auth": SIPP_AUTH,
-             "clicktodial": {"ring_timeout": 5.0, "callee_timeout": 10.0}}
+             "clicktodial": {"ring_timeout": 5.0, "callee_timeout": 10.0,
+                             "notify_timeout": 2.0}}
     srv = ServerProcess(db_dsn, extra=extra).start()
     try:
         yield srv
@@ -193,3 +199,42 @@ def test_refused_refer_without_fallback_fails(db_dsn: str, agents: UserAgents) -
         if caller is not None:
             caller.close()
         srv.cleanup()
+
+
+@pytest.mark.parametrize(("sipfrag", "state", "reason"), [
+    ("200 OK", "connected", ""),
+    ("486 Busy Here", "failed", "callee_busy"),
+])
+def test_challenging_phone_gets_credentials_and_reports_the_transfer(
+    server: ServerProcess, ctl: ControlClient, sipfrag: str, state: str, reason: str
+) -> None:
+    caller = SippPhone(server, "1001", "c2d_auth_refer.xml", "-key", "c2duser", "1001",
+                       "-key", "c2dpass", "demo1001", "-key", "sipfrag", sipfrag)
+    try:
+        job_id = ctl.call("click2dial.call", "1001", "1002")
+        job = wait_job(ctl, job_id, lambda s: s["finished_at"] is not None)
+        rc, output = caller.wait(timeout=10)
+        assert rc == 0, output
+        assert (job["state"], job["reason"]) == (state, reason), (job, server.logs()[-3000:])
+        assert (job["mode"], job["refer_status"]) == ("refer", 202)
+        assert job["transfer_status"] == int(sipfrag.split()[0])
+        # Connected or not, the dialog with the phone ended with a BYE it answered.
+        assert job["bye_status"] == 200, job
+    finally:
+        caller.close()
+
+
+def test_phone_that_never_notifies_times_out(server: ServerProcess, ctl: ControlClient) -> None:
+    caller = SippPhone(server, "1001", "c2d_refer_silent.xml")
+    try:
+        start = time.monotonic()
+        job_id = ctl.call("click2dial.call", "1001", "1002")
+        job = wait_job(ctl, job_id, lambda s: s["finished_at"] is not None)
+        assert (job["state"], job["reason"], job["refer_status"]) == (
+            "failed", "refer_timeout", 202), job
+        assert 2.0 <= time.monotonic() - start < 5.0  # notify_timeout is 2 s here
+        assert job["bye_status"] == 200, job
+        rc, output = caller.wait(timeout=10)
+        assert rc == 0, output
+    finally:
+        caller.close()
