@@ -66,6 +66,9 @@ class Phones:
         return phone
 
     def close(self) -> None:
+        # Newest first: callees (registered after their callers) hang up the transferred calls
+        # before the transferee's phone goes; PJSIP keeps a pointer to the original call's
+        # object as the transferred call's user data, and would call into a deleted object.
         for phone in reversed(self.made):
             phone.close()
         self.made.clear()
@@ -216,3 +219,24 @@ def test_control_refuses_what_cannot_be_a_job(ctl: ControlClient) -> None:
     with pytest.raises(ControlError) as info:
         ctl.call("click2dial.status", "nope")
     assert info.value.code == 404
+
+
+def test_second_phone_answering_too_is_hung_up(
+    server: ServerProcess, agents: UserAgents, phones: Phones, ctl: ControlClient
+) -> None:
+    # Two registrations of 1001 that both answer. (PJSIP hands an incoming INVITE to the
+    # first account whose user matches, so both calls land on the first phone object.)
+    first = phones.register("1001")
+    phones.register("1001")
+    callee = phones.register("1002")
+    job_id = ctl.call("click2dial.call", "1001", "1002")
+    status = wait_job(ctl, job_id, finished)
+    assert (status["state"], status["bye_status"]) == ("connected", 200), (
+        f"{status}{diagnose(server, agents)}")
+    # Both forks were answered; the one that lost was ACKed and BYEd at once (§13.2.2.4),
+    # the winner after the transfer.
+    legs = [first.wait_incoming(1), first.wait_incoming(2)]
+    for leg in legs:
+        leg.wait_state("CONFIRMED", timeout=5)
+        assert leg.wait_disconnected(timeout=5) == 200, leg.states
+    callee.wait_incoming(1, timeout=5).wait_state("CONFIRMED", timeout=5)

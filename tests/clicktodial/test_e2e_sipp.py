@@ -238,3 +238,28 @@ def test_phone_that_never_notifies_times_out(server: ServerProcess, ctl: Control
         assert rc == 0, output
     finally:
         caller.close()
+
+
+def test_ringing_second_phone_is_cancelled_when_the_first_answers(
+    server: ServerProcess, agents: UserAgents, callee: Phone, ctl: ControlClient
+) -> None:
+    desk = SippPhone(server, "1003", "c2d_ring_only.xml")  # 1003's desk phone: rings only
+    mobile = agents.register("1003", "demo1003", server.port, "udp")  # ... and its softphone
+    try:
+        assert mobile.registered, mobile.reg_events
+        job_id = ctl.call("click2dial.call", "1003", "1002")
+        job = wait_job(ctl, job_id, lambda s: s["finished_at"] is not None)
+        assert (job["state"], job["bye_status"]) == ("connected", 200), (
+            job, server.logs()[-3000:])
+        rc, output = desk.wait(timeout=10)
+        assert rc == 0, output
+        call = callee.wait_incoming(1, timeout=5)
+        call.wait_state("CONFIRMED", timeout=5)
+    finally:
+        desk.close()
+        # The transferred call must end before the transferee's phone goes: PJSIP keeps a
+        # pointer to the original call's (deleted) object as that call's user data.
+        for leg in callee.incoming:
+            leg.hangup()
+            leg.wait_disconnected(timeout=5)
+        mobile.close()
