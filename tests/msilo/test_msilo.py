@@ -402,3 +402,28 @@ def test_dedup_key_depends_on_every_part() -> None:
     base = dedup_key("c", "t", 1, "sip:b@x")
     assert len({base, dedup_key("c2", "t", 1, "sip:b@x"), dedup_key("c", "t2", 1, "sip:b@x"),
                 dedup_key("c", "t", 2, "sip:b@x"), dedup_key("c", "t", 1, "sip:c@x")}) == 5
+
+
+async def test_offline_notice_goes_back_to_the_sender(db_pool: asyncpg.Pool, clean: None) -> None:
+    rigs = _rigs(db_pool, offline_notice=True)
+    rig = await rigs.__anext__()
+    try:
+        req = _message("bob", b"hi bob", call_id="n1@alice")
+        # The sender (not registered here) sent from the phone's address: the notice goes there.
+        ctx = context(req, rig.phone.peer, user="alice", user_domain=DOMAIN)
+        ctx.attrs.update(location="offline", aor="sip:bob@example.com")
+        await rig.msilo.on_message(ctx)
+        assert recorder_of(ctx).last.status == 202
+        notice = (await _first(rig.phone))
+        assert notice.from_addr.uri == "sip:msilo@example.com"
+        assert notice.uri == "sip:alice@example.com"
+        assert notice.to_addr.uri == "sip:alice@example.com"
+        assert notice.body == b"bob@example.com is offline. Your message will be delivered later."
+        assert notice.content_type == "text/plain;charset=utf-8"
+    finally:
+        await rigs.aclose()
+
+
+async def _first(phone: Phone) -> Request:
+    await phone.wait_for(1)
+    return phone.requests[0]
