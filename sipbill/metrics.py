@@ -17,7 +17,7 @@ Status classes follow RFC 3261 §7.2 / §21 (1xx provisional ... 6xx global fail
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator
+from collections.abc import Container, Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -92,6 +92,7 @@ class SipbillCollector(Collector):
         yield from self._control()
         yield from self._db()
         yield from self._latency()
+        yield from self._modules()
 
     def _traffic(self) -> Iterator[Metric]:
         stack = self.ctx.stack
@@ -238,6 +239,50 @@ class SipbillCollector(Collector):
         yield _histogram("sipbill_sip_request_processing_seconds",
                          "Time from a request's arrival until the server answered or relayed "
                          "it (the pipeline walk), by method.", "method", self.ctx.proxy.latency)
+
+
+    def _modules(self) -> Iterator[Metric]:
+        """Each module's own counters (``<module>.stats``, keys chosen by its code, so the
+        label set is bounded) and the gauges that say how much it holds right now."""
+        services = self.ctx.services
+        for name in MODULE_COUNTERS:
+            stats = getattr(services.get(name), "stats", None)
+            if not isinstance(stats, Mapping):
+                continue
+            fam = CounterMetricFamily(f"sipbill_{name}_events", MODULE_COUNTERS[name],
+                                      labels=["event"])
+            for event, count in sorted(stats.items()):
+                fam.add_metric([str(event)], float(count))
+            yield fam
+        presence = services.get("presence")
+        subscriptions = getattr(presence, "subscriptions", None)
+        if isinstance(subscriptions, Mapping):
+            yield GaugeMetricFamily("sipbill_presence_subscriptions",
+                                    "Active presence subscriptions (RFC 3856 watchers).",
+                                    value=len(subscriptions))
+        c2d = services.get("clicktodial")
+        running = getattr(c2d, "running", None)
+        if isinstance(running, Mapping):
+            yield GaugeMetricFamily("sipbill_clicktodial_jobs_running",
+                                    "Click-to-dial jobs in progress.", value=len(running))
+        billing = services.get("billing")
+        calls = getattr(billing, "calls", None)
+        if isinstance(calls, Mapping):
+            yield GaugeMetricFamily("sipbill_billing_calls_tracked",
+                                    "Calls billing is tracking (reserved or in progress).",
+                                    value=len(calls))
+
+
+#: Modules whose ``stats`` counters are exported as ``sipbill_<module>_events_total{event}``.
+MODULE_COUNTERS = {
+    "billing": "Credit-control events: authorized, refused:<reason>, cut (credit exhausted), "
+               "settled, recovered, failed:<status> ...",
+    "msilo": "Offline-message events: store_*, delivered, attempts, refused, unreachable, "
+             "expired ...",
+    "presence": "Presence events: subscribed, refreshed, unsubscribed, expired, notify_sent, "
+                "notify_failed, rejected_<status> ...",
+    "clicktodial": "Click-to-dial job outcomes.",
+}
 
 
 def _histogram(name: str, doc: str, label: str, hist: LatencyHistogram) -> Metric:

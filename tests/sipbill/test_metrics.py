@@ -58,6 +58,10 @@ def test_metrics_move_with_sipp_traffic(server: ServerProcess) -> None:
     res = run_sipp("register_auth.xml", server.port, "-inf", str(SCENARIOS / "users.csv"),
                    local_port=free_port(), calls=1, timeout=15)
     assert res.returncode == 0, res.output
+    # A MESSAGE to offline 1003 is stored by msilo (202): its counters must show it.
+    res = run_sipp("message_uac.xml", server.port, "-inf", str(SCENARIOS / "users.csv"),
+                   "-s", "1003", local_port=free_port(), calls=1, timeout=15)
+    assert res.returncode == 0, res.output
     with ControlClient(str(server.control_socket)) as client:
         client.call("stats")
 
@@ -83,6 +87,11 @@ def test_metrics_move_with_sipp_traffic(server: ServerProcess) -> None:
     proc = "sipbill_sip_request_processing_seconds_count"
     assert value(after, proc, method="REGISTER") >= value(before, proc, method="REGISTER") + 2
     assert value(after, "sipbill_db_query_duration_seconds_count", kind="SELECT") >= 1
+    msilo_events = sum(v for (name, labels), v in after.items()
+                       if name == "sipbill_msilo_events_total"
+                       and dict(labels).get("event", "").startswith("store_"))
+    assert msilo_events >= 1
+    assert ("sipbill_presence_subscriptions", ()) in after
 
 
 def dashboard_metric_names() -> set[str]:
