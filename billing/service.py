@@ -386,7 +386,9 @@ class BillingService:
             return []
         if not isinstance(parsed, SipUri):
             return []
-        if parsed.user and self.identity.is_local_domain(parsed.host):
+        ours = self.identity.is_local_domain(parsed.host) and (
+            parsed.port is None or self.identity.is_me(parsed.host, parsed.port))
+        if parsed.user and ours:
             # A voicemail box registered with us: its bindings under any of our names.
             now = time.time()
             for domain in (parsed.host.lower(), *sorted(self.identity.domains)):

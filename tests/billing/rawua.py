@@ -210,8 +210,8 @@ class RawUA:
     # -- INVITE
     def invite(self, target: str, *, wait: bool = True, timeout: float = 10.0) -> Call:
         """Call ``target`` (a number or user, or a full URI) through the server; with
-        ``wait`` return after the final response, else after the server took the
-        authenticated INVITE (a 1xx)."""
+        ``wait`` return after the final response, else as soon as the authenticated INVITE
+        is sent (see :meth:`Call.wait_final`)."""
         uri = target if target.startswith("sip:") else f"sip:{target}@{DOMAIN}"
         call = Call(self, uri, secrets.token_hex(8) + "@rawua", secrets.token_hex(4), 1,
                     "z9hG4bK" + secrets.token_hex(8))
@@ -233,14 +233,6 @@ class RawUA:
             return call
         if wait:
             call.wait_final(timeout)
-        else:
-            got = self.wait(lambda m: isinstance(m, Response) and m.call_id == call.call_id
-                            and m.cseq.number == 2 and m.status > 100, timeout)
-            assert isinstance(got, Response)
-            if got.status >= 200:
-                call._final(got)
-            else:
-                call.provisional.append(got)
         return call
 
     def _send_invite(self, call: Call, auth: str | None) -> None:

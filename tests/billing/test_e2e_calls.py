@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -24,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from sipbill.ctlclient import ControlClient
+from sipcore.message import Request, build_response, parse_message
 from tests.billing.e2e import (
     Uas,
     account,
@@ -48,12 +50,18 @@ def gw_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(db_dsn: str, gw_port: int, tmp_path_factory: pytest.TempPathFactory,
-           ) -> Iterator[ServerProcess]:
+def voicemail_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(db_dsn: str, gw_port: int, voicemail_port: int,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     workdir = tmp_path_factory.mktemp("billing-calls")
     srv = billing_server(db_dsn, workdir, gateway_port=gw_port, billing={
         # Few failures allowed and a short window, so the 429 test does not lock out the rest.
         "balance_http": {"max_failures": 3, "failure_window": 3.0},
+        "diversion_uri": f"sip:voicemail@127.0.0.1:{voicemail_port}",
     }).start()
     try:
         yield srv
@@ -284,3 +292,29 @@ def test_operator_kills_a_call_and_it_is_settled(
     cdr = settled_cdr(db_dsn, caller)
     assert cdr["disconnect_reason"] == "killed" and cdr["cost"] == Decimal("0.04")
     assert account(db_dsn, caller)["balance"] == before - Decimal("0.04")
+
+
+# ------------------------------------------------------------------------------ voicemail
+def test_calls_to_a_locked_account_go_to_voicemail(
+    server: ServerProcess, voicemail_port: int
+) -> None:
+    ctl(server, "account.lock", account="1003", reason="low_balance")
+    vm = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    vm.bind(("127.0.0.1", voicemail_port))
+    vm.settimeout(5)
+    try:
+        with RawUA(server.port, "1001", password("1001")) as ua:
+            call = ua.invite("1003", wait=False)  # 1003 is not even registered
+            try:
+                data, hop = vm.recvfrom(65535)
+            except TimeoutError:
+                raise AssertionError(f"{call.final!r}\n" + server.logs()[-3000:]) from None
+            invite = parse_message(data)
+            assert isinstance(invite, Request) and invite.method == "INVITE"
+            assert invite.uri == f"sip:voicemail@127.0.0.1:{voicemail_port}"
+            assert invite.header("Diversion") == "<sip:1003@localhost>;reason=unavailable"
+            vm.sendto(build_response(invite, 486, "Mailbox Full", to_tag="vm1"), hop)
+            assert call.wait_final().status == 486
+    finally:
+        vm.close()
+        ctl(server, "account.unlock", account="1003")
