@@ -181,3 +181,42 @@ def settled_cdr(dsn: str, caller: str, timeout: float = 10.0) -> dict[str, Any]:
     wait_until(lambda: last_cdr(dsn, caller)["status"] != "in_progress", timeout,
                f"the last call of {caller} to be settled")
     return last_cdr(dsn, caller)
+
+
+class Uac:
+    """A SIPp caller running in the background (e.g. billing_uac_cut.xml, waiting for BYE)."""
+
+    def __init__(self, scenario: str, server_port: int, inf: Path, service: str,
+                 *extra: str, timeout: int = 60) -> None:
+        self.proc = subprocess.Popen(
+            ["sipp", f"127.0.0.1:{server_port}", "-sf", str(SCENARIOS / scenario),
+             "-i", "127.0.0.1", "-p", str(free_port()), "-inf", str(inf), "-s", service,
+             "-m", "1", "-nostdin", "-timeout", f"{timeout}s", "-timeout_error", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Uac:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def answered_reservation(dsn: str, caller: str) -> bool:
+    """Whether ``caller`` has a call in progress that was answered."""
+
+    async def work(pool: asyncpg.Pool) -> bool:
+        async with pool.acquire() as conn:
+            return bool(await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM reservations r JOIN cdrs c USING (call_id) "
+                "WHERE c.caller_username = $1 AND r.answered_at IS NOT NULL)", caller))
+
+    return run_db(dsn, work)
