@@ -60,7 +60,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("clicktodial.service")
 
-__all__ = ["ClickToDial", "setup"]
+__all__ = ["ClickToDial", "parse_callee", "parse_caller", "setup"]
 
 #: control error code for "too many jobs" / "this caller already has a job" (HTTP-like).
 BUSY = 429
@@ -107,51 +107,11 @@ class ClickToDial:
         if not task.cancelled() and task.exception() is not None:
             log.error("event=c2d_task_error exc=%r", task.exception())
 
-    # ------------------------------------------------------------------ addresses
-    def caller_aor(self, text: str) -> tuple[str, str, str]:
-        """(AoR, user, domain) of a local caller given as ``1001``, ``1001@d`` or a SIP URI."""
-        t = text.strip()
-        if not t.lower().startswith(("sip:", "sips:")):
-            t = "sip:" + t
-        if "@" not in t:
-            t = f"{t}@{self.domains[0]}"
-        try:
-            uri = parse_uri(t)
-        except SipParseError as exc:
-            raise ControlError(BAD_REQUEST, f"caller is not a SIP address: {text!r}") from exc
-        if not isinstance(uri, SipUri) or not uri.user:
-            raise ControlError(BAD_REQUEST, f"caller is not a SIP user: {text!r}")
-        aor = canonical_aor(uri, self.aliases)
-        domain = aor.rpartition("@")[2]
-        if domain not in self.domains:
-            raise ControlError(BAD_REQUEST, f"caller {aor} is not in one of our domains")
-        return aor, uri.user, domain
-
-    def callee_uri(self, text: str) -> str:
-        """The Refer-To URI: a SIP URI as given, ``tel:`` and bare numbers/users at our domain."""
-        t = text.strip()
-        low = t.lower()
-        try:
-            if low.startswith(("sip:", "sips:")):
-                uri = parse_uri(t)
-            elif low.startswith("tel:"):
-                tel = parse_uri(t)
-                if not isinstance(tel, TelUri):
-                    raise ControlError(BAD_REQUEST, f"callee is not a tel: URI: {text!r}")
-                uri = parse_uri(f"sip:{tel.number}@{self.domains[0]};user=phone")
-            else:
-                uri = parse_uri(f"sip:{t}" if "@" in t else f"sip:{t}@{self.domains[0]}")
-        except SipParseError as exc:
-            raise ControlError(BAD_REQUEST, f"callee is not a SIP address: {text!r}") from exc
-        if not isinstance(uri, SipUri) or not uri.user:
-            raise ControlError(BAD_REQUEST, f"callee names no user or number: {text!r}")
-        return str(uri)
-
     # ------------------------------------------------------------------ control methods
     async def call(self, caller: str, callee: str) -> str:
         """Start a job; see the module docstring."""
-        aor, user, domain = self.caller_aor(caller)
-        target = self.callee_uri(callee)
+        aor, user, domain = parse_caller(caller, self.domains, self.aliases)
+        target = parse_callee(callee, self.domains[0])
         subscriber = await self.subscribers.get(user, domain)
         if subscriber is None:
             self.stats["refused"] += 1
@@ -229,6 +189,52 @@ class ClickToDial:
         if tasks:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5.0)
+
+
+def parse_caller(text: str, domains: Sequence[str],
+                 aliases: Mapping[str, str]) -> tuple[str, str, str]:
+    """(AoR, user, domain) of a local caller given as ``1001``, ``1001@domain`` or a SIP URI;
+    :class:`ControlError` 400 for anything else or a domain that is not ours."""
+    t = text.strip()
+    if not t.lower().startswith(("sip:", "sips:")):
+        if ":" in t.partition("@")[0]:
+            raise ControlError(BAD_REQUEST, f"caller is not a SIP user: {text!r}")
+        t = "sip:" + (t if "@" in t else f"{t}@{domains[0]}")
+    try:
+        uri = parse_uri(t)
+    except SipParseError as exc:
+        raise ControlError(BAD_REQUEST, f"caller is not a SIP address: {text!r}") from exc
+    if not isinstance(uri, SipUri) or not uri.user:
+        raise ControlError(BAD_REQUEST, f"caller is not a SIP user: {text!r}")
+    aor = canonical_aor(uri, aliases)
+    domain = aor.rpartition("@")[2]
+    if domain not in domains:
+        raise ControlError(BAD_REQUEST, f"caller {aor} is not in one of our domains")
+    return aor, uri.user, domain
+
+
+def parse_callee(text: str, domain: str) -> str:
+    """The Refer-To URI: a SIP URI as given; a ``tel:`` URI, a number or a user at ``domain``
+    (a number then goes through the proxy's gateways like any dialled number)."""
+    t = text.strip()
+    low = t.lower()
+    try:
+        if low.startswith(("sip:", "sips:")):
+            uri = parse_uri(t)
+        elif low.startswith("tel:"):
+            tel = parse_uri(t)
+            if not isinstance(tel, TelUri):
+                raise ControlError(BAD_REQUEST, f"callee is not a tel: URI: {text!r}")
+            uri = parse_uri(f"sip:{tel.number}@{domain};user=phone")
+        elif ":" in t.partition("@")[0]:
+            raise ControlError(BAD_REQUEST, f"callee is not a SIP or tel: address: {text!r}")
+        else:
+            uri = parse_uri(f"sip:{t}" if "@" in t else f"sip:{t}@{domain}")
+    except SipParseError as exc:
+        raise ControlError(BAD_REQUEST, f"callee is not a SIP address: {text!r}") from exc
+    if not isinstance(uri, SipUri) or not uri.user:
+        raise ControlError(BAD_REQUEST, f"callee names no user or number: {text!r}")
+    return str(uri)
 
 
 def _own_listener(listen: Sequence[tuple[str, str, int]]) -> Peer:
