@@ -78,10 +78,6 @@ class Final:
     def ok(self) -> bool:
         return 200 <= self.status < 300
 
-    @property
-    def reason(self) -> str:
-        return self.response.reason if self.response is not None else "local failure"
-
 
 class DigestAnswerer:
     """Credentials for one subscriber from its stored HA1s (RFC 7616 §3.4, §22.2/§22.3).

@@ -240,6 +240,7 @@ class JobRunner:
             self._fail("internal_error")
         finally:
             await self._cleanup()
+            job.bridged = False
             if job.finished_at is None:
                 job.finished_at = time.time()
             log.info("event=c2d_job_done job=%s state=%s reason=%s mode=%s status=%d "
@@ -406,16 +407,24 @@ class JobRunner:
         origin_a = self.origins[leg_a]
         # Steps 6-7: offer2' to the caller in a re-INVITE.
         offer2p = origin_a.stamp(sdp.pad_media(offer2, origin_a.media_count))
-        final_a = await leg_a.invite(offer2p)
+        final_a = await leg_a.invite(offer2p) if leg_a.confirmed else Final(481)
         answer = final_a.response
         if not final_a.ok or answer is None or not sdp.is_sdp(answer.content_type, answer.body):
             # The callee's offer still needs its answer: a hold answer, then BYE.
             leg_b.ack(sdp.hold_answer(offer2, self.origins[leg_b]))
+            if self.caller_gone.is_set():
+                raise JobFailed("caller_hangup", final_a.status)
             raise JobFailed("caller_reinvite_failed", final_a.status)
         self.remote_sdp[leg_a] = answer.body
         # Step 8: answer2 to the callee in the ACK.
         leg_b.ack(self.origins[leg_b].stamp(sdp.trim_media(answer.body,
                                                            sdp.media_count(offer2))))
+        # Either side may have hung up while the other was being asked (their BYE was
+        # answered by _on_request); then there is nothing to bridge.
+        if not leg_b.confirmed:
+            raise JobFailed("callee_hangup")
+        if not leg_a.confirmed:
+            raise JobFailed("caller_hangup")
         job.bridged = True
         job.set_state("connected")
         log.info("event=c2d_bridged job=%s", job.id)

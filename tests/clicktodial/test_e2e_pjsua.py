@@ -14,6 +14,8 @@ its call handle.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +24,7 @@ import pytest
 
 from sipbill.ctlclient import ControlClient
 from tests.pjsua import DOMAIN, Phone, UserAgents
-from tests.support import ServerProcess
+from tests.support import SIPBILL, ServerProcess
 
 pytestmark = pytest.mark.timeout(60, method="thread")
 
@@ -201,8 +203,13 @@ def test_caller_not_answering_is_cancelled(
     assert time.monotonic() - start < 6
 
 
-def test_unregistered_caller_fails_at_once(ctl: ControlClient) -> None:
-    job_id = ctl.call("click2dial.call", "1003", "1002")
+def test_unregistered_caller_fails_at_once(server: ServerProcess, ctl: ControlClient) -> None:
+    # Started the way an operator would: `sipbill ctl click2dial.call FROM TO`.
+    out = subprocess.run([SIPBILL, "ctl", "--socket", str(server.control_socket), "--json",
+                          "click2dial.call", "1003", "1002"], capture_output=True, text=True,
+                         timeout=20)
+    assert out.returncode == 0, out.stderr
+    job_id = json.loads(out.stdout)
     status = ctl.call("click2dial.status", job_id)
     assert (status["state"], status["reason"]) == ("failed", "caller_offline"), status
 
