@@ -60,8 +60,8 @@ class Phones:
         self.server = server
         self.made: list[Phone] = []
 
-    def register(self, user: str, *, answer_code: int = 200) -> Phone:
-        phone = self.agents.register(user, password(user), self.server.port, "udp",
+    def register(self, user: str, *, answer_code: int = 200, transport: str = "udp") -> Phone:
+        phone = self.agents.register(user, password(user), self.server.port, transport,
                                      answer_code=answer_code)
         self.made.append(phone)
         assert phone.registered, phone.reg_events
@@ -108,11 +108,13 @@ def diagnose(server: ServerProcess, agents: UserAgents, lines: int = 60) -> str:
 
 
 # ------------------------------------------------------------------------------ REFER path
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_job_connects_caller_and_callee_and_ends_its_own_dialog(
-    server: ServerProcess, agents: UserAgents, phones: Phones, ctl: ControlClient
+    server: ServerProcess, agents: UserAgents, phones: Phones, ctl: ControlClient,
+    transport: str,
 ) -> None:
     since = agents.log_offset()
-    caller = phones.register("1001")
+    caller = phones.register("1001", transport=transport)
     callee = phones.register("1002")
 
     job_id = ctl.call("click2dial.call", "1001", "1002")
