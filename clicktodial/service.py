@@ -19,6 +19,8 @@ Control methods (``sipbill ctl click2dial.call 1001 1002``):
     ``reason`` when failed, ``mode`` (refer or 3pcc) and the SIP statuses seen.
 ``click2dial.list(active=False) -> list``
     Recent jobs, newest first (only unfinished ones with ``active``).
+``click2dial.stats() -> dict``
+    The counters below, for operators.
 
 Why jobs are not stored in the database: a job is a set of live SIP dialogs owned by this
 process; after a restart they are gone, so a stored "calling" job would only be a stale claim.
@@ -165,6 +167,9 @@ class ClickToDial:
         jobs = reversed(self.jobs.values())
         return [j.as_dict() for j in jobs if not active or not j.done]
 
+    async def stats_snapshot(self) -> dict[str, Any]:
+        return {"active": self.active, **self.stats, "outcomes": dict(self.outcomes)}
+
     def register_methods(self, methods: MethodRegistry) -> None:
         methods.register("click2dial.call", self.call,
                          help="Connect a registered local subscriber's phone to a callee: the "
@@ -180,6 +185,9 @@ class ClickToDial:
         methods.register("click2dial.list", self.list_jobs,
                          help="Recent click-to-dial jobs, newest first.",
                          params_doc={"active": "only jobs still running"})
+        methods.register("click2dial.stats", self.stats_snapshot,
+                         help="Click-to-dial counters: jobs started, connected, failed, "
+                              "3PCC fallbacks, refused; finished jobs by outcome.")
 
     async def close(self) -> None:
         """Shutdown: every running job CANCELs or BYEs its dialogs, briefly waited for."""

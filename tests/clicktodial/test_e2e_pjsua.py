@@ -163,9 +163,12 @@ def test_job_connects_caller_and_callee_and_ends_its_own_dialog(
     stats = ctl.call("stats")
     assert stats["dialogs"] == 1, stats
 
-    # The job shows up in the list, and the outcome counters in the service's stats.
+    # The job shows up in the list, and its outcome in the counters.
     listed = ctl.call("click2dial.list")
     assert listed[0]["id"] == job_id
+    counters = ctl.call("click2dial.stats")
+    assert counters["outcomes"]["connected"] >= 1 and counters["connected"] >= 1, counters
+    assert counters["active"] == 0
 
 
 def test_busy_caller_fails_the_job(
