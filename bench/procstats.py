@@ -113,6 +113,15 @@ def postmaster_of_datadir(pgdata: Path) -> int | None:
     return pid if Path(f"/proc/{pid}").exists() else None
 
 
+def is_postgres(pid: int) -> bool:
+    """Whether ``pid`` is a PostgreSQL process here (a pid from a remote server may name an
+    unrelated local process, or none)."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip().startswith("postgres")
+    except OSError:
+        return False
+
+
 def parent_of(pid: int) -> int | None:
     f = _stat_fields(pid)
     return int(f[1]) if f is not None else None

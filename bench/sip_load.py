@@ -1,31 +1,43 @@
 """SIP load benchmark: rate ladders of SIPp scenarios against sipbill, Kamailio or any server.
 
-Not a test: it prints a Markdown table (and ``--json``) of what a SIP server does on this
+Not a test: it prints Markdown tables (and ``--json``) of what a SIP server does on this
 machine, per scenario:
 
-* **max rate** -- the highest call rate (scenario runs per second) that SIPp completed with
-  zero failed calls.  Rates double from ``--start-rate`` (100/s) for ``--step-seconds`` (10 s)
-  each until a step fails, SIPp cannot reach the rate, or one server process saturates its
-  core; then the gap between the last good and the first bad rate is halved twice.
-* **server CPU per 1,000** -- CPU-seconds (user + system, from /proc) the server's own
-  processes spent per 1,000 successful scenario runs at the max rate, and the same for the
-  server plus its PostgreSQL.  This figure does not depend on how much of the two cores
-  SIPp takes; its inverse, runs per server CPU-second, is what issue 3's targets are stated in.
-* **median / p99** -- response time at half the max rate (SIPp ``-trace_rtt``; the rtd of each
-  scenario: REGISTER = both round trips, 401 and 200; call = INVITE to 200 through the proxy
-  and the UAS; MESSAGE = both round trips, 407 and 200; OPTIONS = one round trip).
-* **memory** -- resident memory of the server at a baseline and with 10,000 and 100,000
-  registered contacts (``--contacts``), and the bytes per contact beyond the baseline.
+* **max rate** -- the highest rate (SIPp calls, i.e. scenario runs, per second) that SIPp
+  completed with zero failed calls, on time.  Rates double from ``--start-rate`` (100/s) for
+  ``--step-seconds`` (10 s) each until a step has failures, SIPp falls more than 10% behind
+  the rate, or one server process uses ``--saturation`` of its core; then the gap between the
+  last good and the first bad rate is halved twice.  Before each step the benchmark waits
+  for the server to finish the previous step's backlog.
+* **server CPU per 1,000** -- CPU-seconds (user + system, /proc/PID/stat) the server's own
+  processes spent per 1,000 successful runs at the max rate, and the same for the server plus
+  its PostgreSQL.  This does not depend on how much of the two cores SIPp takes; its inverse,
+  runs per server CPU-second, is what issue 3's targets are stated in.
+* **median / p99** -- response time at half the max rate, per SIP transaction, from kernel
+  timestamps of the server's packets on loopback (sipcapture.py; SIPp's own clock moves in
+  4 ms steps here).  A second table lists each transaction kind (``REGISTER 401``,
+  ``REGISTER 200``, ``INVITE 200`` ...).  Without the privilege to capture, or for a server
+  on another host, SIPp's ``-trace_rtt`` is used instead.
+* **memory** -- RSS and PSS of the server at start-up, then with 10,000 and 100,000
+  registered contacts (``--contacts``, registered by reg_flood.py) read ``--settle`` seconds
+  after the last REGISTER, and for sipbill once more after a restart that loads the same
+  bindings from the database; bytes per contact beyond the baseline.  The reading right after
+  registering includes what the registration traffic left behind (completed transactions live
+  for Timer J, 32 s, and freed memory is not returned to the OS); the one after the restart
+  is the cost of the bindings themselves.
 
-Scenarios (``sipp-scenarios/``):
+Scenarios (``sipp-scenarios/``); each scenario's SIPp keeps one port for all its steps:
 
 =========  ===============================================================================
-register   register_auth.xml over 1,000 users (``--users``): REGISTER, 401, REGISTER, 200.
+register   register_auth.xml over 1,000 users (``--users``): REGISTER, 401, REGISTER, 200
+           (2 transactions; each step refreshes the same 1,000 bindings).
 call       bench_uac_call.xml -> uas.xml: INVITE/100/180/200/ACK/BYE/200 through the
-           record-routing proxy to a registered SIPp UAS; the caller is of a foreign
-           domain, so it is not challenged (as a call arriving from a peer would not be).
-message    message_uac.xml -> message_uas.xml: MESSAGE, 407, MESSAGE with credentials, 200.
-options    options.xml: OPTIONS to the server itself, 200.
+           record-routing proxy to a registered SIPp UAS (2 server transactions and 2
+           client transactions in the proxy); the caller is of a foreign domain, so it is
+           not challenged, as a call arriving from a peer would not be.
+message    message_uac.xml -> message_uas.xml: MESSAGE, 407, MESSAGE with credentials, 200
+           (2 server transactions, 1 client transaction).
+options    options.xml: OPTIONS to the server itself, 200 (1 transaction).
 =========  ===============================================================================
 
 Servers:
@@ -36,7 +48,8 @@ Servers:
   ``msgsink`` (password ``bench-`` + name, domain ``localhost``) are written by SQL with the
   derived secrets of sipcore.subscribers.derive_secrets.  Auth is MD5-only and does not
   check the digest uri, because SIPp 3.6 answers only the first challenge and puts the server
-  address into that uri (as in tests/sipcore/test_e2e_sipp.py).
+  address into that uri (as in tests/sipcore/test_e2e_sipp.py).  ``--core-only`` turns the
+  modules off (billing, msilo, presence, clicktodial): the same job as the Kamailio config.
 * ``--kamailio``: Kamailio (bench/kamailio.cfg: auth_db over db_text, usrloc in memory,
   record-routing proxy, 2 UDP workers) with the same subscribers.
 * ``--target HOST:PORT --pids PID,...``: any running server that has those subscribers;
@@ -44,9 +57,10 @@ Servers:
   database's).
 
 Run: ``.venv/bin/python bench/sip_load.py`` (about 10 minutes; ``--quick`` about 2).  It
-needs ``sipp`` (Debian sip-tester) and, for ``--kamailio``, ``kamailio``.  On a shared
-machine look at ``uptime`` first: other load on the two cores shows up as lower max rates
-(the CPU-per-1,000 figures are much less affected).
+needs ``sipp`` (Debian sip-tester) and, for ``--kamailio``, ``kamailio``; the wire capture
+needs root or CAP_NET_RAW.  On a shared machine look at ``uptime`` first: other load on the
+two cores shows up as lower max rates and longer tails (the CPU-per-1,000 figures are much
+less affected); every step logs the machine's busy share and load average to stderr.
 """
 
 from __future__ import annotations
@@ -204,10 +218,15 @@ def _wait_for_udp(host: str, port: int, proc: subprocess.Popen[bytes], log_path:
 class SipbillServer(Server):
     """``sipbill serve`` on a fresh database, with the bench subscribers."""
 
-    def __init__(self, workdir: Path, n_users: int, dsn: str | None, workers: int) -> None:
-        self.name = "sipbill" + (f" ({workers} workers)" if workers > 1 else "")
+    MODULES = ("billing", "msilo", "presence", "clicktodial")
+
+    def __init__(self, workdir: Path, n_users: int, dsn: str | None, workers: int,
+                 core_only: bool = False) -> None:
+        self.name = ("sipbill" + (" core only" if core_only else "")
+                     + (f" ({workers} workers)" if workers > 1 else ""))
         self.workdir = workdir
         self.workers = workers
+        self.core_only = core_only
         self.port = free_port()
         self.embedded: Any = None
         self.pgdata = workdir / "pgdata"
@@ -249,7 +268,10 @@ class SipbillServer(Server):
             # the embedded server and for a --dsn server on this machine alike.
             backend = int(await conn.fetchval("SELECT pg_backend_pid()"))
             postmaster = procstats.parent_of(backend)
-            self._db_roots = [postmaster] if postmaster else []
+            if postmaster and procstats.is_postgres(postmaster):
+                self._db_roots = [postmaster]
+            else:
+                log("the database runs elsewhere: its CPU is not measured")
         finally:
             await conn.close()
         log(f"provisioned {len(users)} subscribers in {self.dbname}")
@@ -288,7 +310,11 @@ check_uri = false
 # must not lock SIPp out for the steps after it.
 source_failure_limit = 1000
 user_failure_limit = 0
-"""
+""" + "".join(
+            # --core-only: registrar, location and proxy without the product's modules (the
+            # balance lookup on every REGISTER, free-call records, offline messages ...), the
+            # same job as the Kamailio configuration does.
+            f"\n[{module}]\nenabled = false\n" for module in self.MODULES if self.core_only)
 
     def _start(self) -> None:
         cfg = self.workdir / "sipbill.toml"
@@ -399,6 +425,26 @@ def sample_cpu(srv: Server) -> CpuSample:
                      procstats.tree_cpu(srv.db_pids()))
 
 
+def wait_idle(srv: Server, busy: float = 0.15, longest: float = 30.0) -> float:
+    """Wait until the server and its database use less than ``busy`` of a core.
+
+    An overloaded step leaves a backlog (queued datagrams, retransmissions, write-behind to
+    the database) that would otherwise be charged to, and slow down, the next step.
+    Returns the seconds waited.
+    """
+    start = time.monotonic()
+    prev = sample_cpu(srv)
+    while time.monotonic() - start < longest:
+        time.sleep(0.5)
+        cur = sample_cpu(srv)
+        used = (sum(procstats.cpu_delta(prev.server, cur.server).values())
+                + sum(procstats.cpu_delta(prev.db, cur.db).values()))
+        if used / (cur.at - prev.at) < busy:
+            break
+        prev = cur
+    return time.monotonic() - start
+
+
 @dataclass
 class StepResult:
     scenario: str
@@ -414,6 +460,7 @@ class StepResult:
     peak_process_util: float  # busiest server process: CPU-seconds per wall second
     machine_busy: float
     sipp_seconds: float
+    load_average: float  # 1-minute load average after the step: others' work shows here
     # Response times in ms keyed by "METHOD status" (wire capture) or "rtd" (SIPp's clock).
     latency_ms: dict[str, list[float]] = field(default_factory=dict, repr=False)
     latency_source: str = ""
@@ -445,7 +492,8 @@ class StepResult:
         return (f"{self.scenario} {self.rate}/s: ok {self.ok}/{self.calls} failed {self.failed} "
                 f"retrans {self.retransmissions}, {self.achieved_rate:.0f}/s created, server "
                 f"{self.server_cpu:.2f} cpu-s (peak proc {self.peak_process_util:.0%}), db "
-                f"{self.db_cpu:.2f} cpu-s, machine {self.machine_busy:.0%}, "
+                f"{self.db_cpu:.2f} cpu-s, machine {self.machine_busy:.0%} "
+                f"(load {self.load_average:.1f}), "
                 f"{self.cpu_per_1000():.3f} cpu-s/1000"
                 + (f", p50 {percentile(self.all_latencies, 50):.2f} ms p99 "
                    f"{percentile(self.all_latencies, 99):.2f} ms ({self.latency_source})"
@@ -550,6 +598,9 @@ class ScenarioSpec:
     sipp_file: str
     args: list[str]
     uas: Uas | None = None
+    # One SIPp port for all steps of a scenario: REGISTER steps then refresh the same
+    # bindings like phones do, instead of adding a contact per step until the AoR is full.
+    local_port: int = field(default_factory=free_port)
 
 
 class Bench:
@@ -566,13 +617,17 @@ class Bench:
         wire = latency and self.srv.host.startswith("127.") and Capture.available()
         calls = max(1, int(rate * seconds))
         stepdir = Path(tempfile.mkdtemp(prefix=f"{spec.name}-{rate}-", dir=self.workdir))
+        waited = wait_idle(self.srv)
+        if waited > 2.0:
+            log(f"waited {waited:.0f} s for the server to finish earlier work")
         uas_failed0 = spec.uas.failed() if spec.uas else 0
         self.machine.sample()
         before = sample_cpu(self.srv)
         t0 = time.monotonic()
         with Capture(self.srv.port) if wire else contextlib.nullcontext() as cap:
             proc = run_sipp(self.srv, spec.sipp_file, stepdir, spec.args, rate=rate,
-                            calls=calls, timeout=seconds + 15, rtt=latency and not wire)
+                            calls=calls, timeout=seconds + 15, local_port=spec.local_port,
+                            rtt=latency and not wire)
         sipp_seconds = time.monotonic() - t0
         after = sample_cpu(self.srv)
         busy = self.machine.sample()
@@ -596,7 +651,7 @@ class Bench:
             retransmissions=_int(row, "Retransmissions(C)"), wall=wall,
             server_cpu=sum(server.values()), db_cpu=sum(db.values()),
             peak_process_util=max(server.values(), default=0.0) / wall if wall > 0 else 0.0,
-            machine_busy=busy, sipp_seconds=sipp_seconds)
+            machine_busy=busy, sipp_seconds=sipp_seconds, load_average=os.getloadavg()[0])
         if isinstance(cap, Capture):
             res.latency_source = "wire"
             res.latency_ms = {kind: [1000.0 * t for t in times]
@@ -802,6 +857,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pids", default="", help="with --target: server PIDs (trees) to measure")
     ap.add_argument("--db-pids", default="", help="with --target: database PIDs (trees)")
     ap.add_argument("--dsn", help="PostgreSQL server for sipbill (default: embedded)")
+    ap.add_argument("--core-only", action="store_true",
+                    help="sipbill without its modules (billing, msilo, presence, clicktodial)")
     ap.add_argument("--workers", type=int, default=0,
                     help="sipbill server.workers / Kamailio children (default 1 / 2)")
     ap.add_argument("--quick", action="store_true", help="a smoke run of about 2 minutes")
@@ -810,8 +867,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--contacts", default=None,
                     help="contact counts for the memory figures (default 10000,100000; "
                          "quick: 10000; 0 to skip)")
-    ap.add_argument("--settle", type=float, default=34.0,
-                    help="seconds between registering contacts and reading memory")
+    ap.add_argument("--settle", type=float, default=None,
+                    help="seconds between registering contacts and reading memory "
+                         "(default 34, quick 5)")
     ap.add_argument("--step-seconds", type=float, default=None)
     ap.add_argument("--start-rate", type=int, default=100)
     ap.add_argument("--max-rate", type=int, default=25600)
@@ -831,6 +889,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.refine = 0 if q else 2
     if args.contacts is None:
         args.contacts = "10000" if q else "10000,100000"
+    if args.settle is None:
+        # Quick: no waiting for Timer J; the reading after a restart is the one to trust.
+        args.settle = 5.0 if q else 34.0
     if q and args.start_rate == 100:
         args.start_rate = 200
     return args
@@ -854,7 +915,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.kamailio:
         srv = KamailioServer(workdir, n_users, args.workers or 2)
     else:
-        srv = SipbillServer(workdir, n_users, args.dsn, args.workers or 1)
+        srv = SipbillServer(workdir, n_users, args.dsn, args.workers or 1, args.core_only)
     uases: list[Uas] = []
     results: list[ScenarioResult] = []
     memory: list[MemoryPoint] = []
