@@ -24,14 +24,14 @@ Its state, as ``click2dial.status`` shows it::
 2. **caller_answered -> transferring.** A REFER (RFC 3515 §2.4.1) in that dialog with
    ``Refer-To: <callee>`` and ``Referred-By: <caller>`` (RFC 3892) asks the phone to call the
    callee itself, through the proxy like any of its calls, so it authenticates and is billed
-   as the caller. Its acceptance creates an implicit subscription (RFC 3515 §2.4.4, RFC 6665
-   §4.2.1 for the NOTIFY rules): every NOTIFY with ``Event: refer`` is answered 200 and its
-   ``message/sipfrag`` body read for the new call's status (RFC 3515 §2.4.5): 1xx progress,
-   2xx ``connected``, 3xx-6xx failed (``callee_busy``, ``callee_declined``,
-   ``callee_unavailable``...). No NOTIFY within ``notify_timeout``: ``refer_timeout``; no final
-   status within ``transfer_timeout``: ``transfer_timeout``. A BYE from the phone ends the
-   INVITE usage of the dialog only; the subscription usage lives on (RFC 5057 §5.2), so later
-   NOTIFYs still count.
+   as the caller. Its acceptance creates an implicit subscription (RFC 3515 §2.4.4; the
+   subscriber's side of it as RFC 6665 §4.1.3 says): every NOTIFY with ``Event: refer`` is
+   answered 200 and its ``message/sipfrag`` body read for the new call's status (RFC 3515
+   §2.4.5): 1xx progress, 2xx ``connected``, 3xx-6xx failed (``callee_busy``,
+   ``callee_declined``, ``callee_unavailable``...). No NOTIFY within ``notify_timeout``:
+   ``refer_timeout``; no final status within ``transfer_timeout``: ``transfer_timeout``. A BYE
+   from the phone ends the INVITE usage of the dialog only; the subscription usage lives on
+   (RFC 5057 §3.1, §4.1), so later NOTIFYs still count.
 3. **connected.** Our dialog with the phone has done its job: it ends with a BYE (its final
    status is ``bye_status``) and the job is over. Every failure after the caller answered ends
    the dialog with a BYE as well.
@@ -380,7 +380,8 @@ class JobRunner:
             except TimeoutError:
                 raise JobFailed("transfer_timeout", job.transfer_status) from None
         job.set_state("connected")
-        # The new call stands on its own; our helper dialog is done (seed 002, RFC 5589 §6).
+        # The new call stands on its own; our helper dialog is done (seed 002; the transferor
+        # ends its dialog once the transfer succeeded, as in RFC 5589's basic transfer).
         job.bye_status = await leg_a.bye()
         job.finished_at = time.time()
 
@@ -478,7 +479,7 @@ class JobRunner:
             ctx.reply(489, "Bad Event", headers=[("Allow-Events", "refer")])
             return
         sub_state = (req.header("Subscription-State") or "").split(";", 1)[0].strip().lower()
-        # NOTIFY is a target refresh request (RFC 6665 §4.1.3): the 2xx carries our Contact.
+        # NOTIFY is a target refresh request (RFC 6665 §4.1.3), so the 2xx carries our Contact.
         ctx.reply(200, headers=[("Contact", leg.contact)])
         self.notifies.put_nowait((sipfrag_status(req.body), sub_state == "terminated"))
 

@@ -262,7 +262,7 @@ async def test_notify_before_202_and_a_caller_hangup_mid_transfer(
     assert ok.status == 200 and ok.cseq.method == "NOTIFY" and ok.contacts
     phone.answer(refer, 202)
     # The user hangs up the server's call while the new one rings: the INVITE usage ends,
-    # the subscription does not (RFC 5057 §5.2), so the final NOTIFY still counts.
+    # the subscription does not (RFC 5057 §3.1, §4.1), so the final NOTIFY still counts.
     phone.in_dialog(invite, "BYE")
     assert (await phone.response()).status == 200
     phone.notify(invite, "200 OK", "terminated;reason=noresource")
