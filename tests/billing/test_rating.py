@@ -194,7 +194,11 @@ def test_billed_duration_covers_the_call_by_at_most_one_step(rate: Rate, d: int)
     assert billed >= d and billed >= rate.min_duration and billed >= rate.first_increment
     slack = max(rate.first_increment, rate.next_increment, rate.min_duration)
     assert billed - d < slack
-    assert billed_duration(rate, billed) == billed  # a billed duration is billed as itself
+    # A billed duration is billed as itself -- except the minimum charge, a floor applied
+    # after rounding, which need not lie on the increment grid (40 s minimum at 30/6: a 1 s
+    # call bills 40 s, a 40 s call bills 42 s; test_min_duration pins that).
+    if billed != rate.min_duration:
+        assert billed_duration(rate, billed) == billed
 
 
 @settings(max_examples=300)
