@@ -26,11 +26,12 @@ Why jobs are not stored in the database: a job is a set of live SIP dialogs owne
 process; after a restart they are gone, so a stored "calling" job would only be a stale claim.
 Finished jobs stay in memory (``keep_finished``) for status queries.
 
-Metrics (``ctx.services["clicktodial"]``): :attr:`ClickToDial.stats` counts ``started``,
-``connected``, ``failed``, ``fallback_3pcc`` and ``refused`` (calls refused at the control
-socket); :attr:`ClickToDial.outcomes` counts finished jobs by outcome label (``connected`` or
-the failure reason), for a ``sipbill_clicktodial_jobs_total{outcome=...}`` counter;
-:attr:`ClickToDial.active` is the number of jobs running.
+Metrics (``ctx.services["clicktodial"]``, exported by :mod:`sipbill.metrics` as
+``sipbill_clicktodial_events_total{event=...}``): :attr:`ClickToDial.stats` counts
+``started``, ``connected``, ``failed`` and ``failed:<reason>`` (``failed:no_answer``,
+``failed:caller_busy``...), ``fallback_3pcc`` and ``refused`` (calls refused at the control
+socket); :attr:`ClickToDial.outcomes` counts finished jobs by outcome label alone (``connected``
+or the reason); :attr:`ClickToDial.running` holds the jobs in progress.
 """
 
 from __future__ import annotations
@@ -149,7 +150,13 @@ class ClickToDial:
     def _finished(self, job: Job) -> None:
         self.running.pop(job.id, None)
         self.outcomes[job.outcome] += 1
-        self.stats["connected" if job.state == "connected" else "failed"] += 1
+        if job.state == "connected":
+            self.stats["connected"] += 1
+        else:
+            self.stats["failed"] += 1
+            # billing's "refused:<reason>" style: the exporter turns every key into a label
+            # value, and reasons are a fixed set written in job.py, so the set stays bounded.
+            self.stats[f"failed:{job.reason}"] += 1
         if job.mode == "3pcc":
             self.stats["fallback_3pcc"] += 1
         # Forget the oldest finished jobs beyond keep_finished.

@@ -181,6 +181,7 @@ def test_busy_caller_fails_the_job(
     assert status["state"] == "failed", f"{status}{diagnose(server, agents)}"
     assert (status["reason"], status["status"]) == ("caller_busy", 486)
     assert status["bye_status"] == 0  # no dialog was ever set up
+    assert ctl.call("click2dial.stats")["failed:caller_busy"] >= 1
 
 
 def test_declining_caller_fails_the_job(
