@@ -178,14 +178,17 @@ class ClickToDial:
         return {"active": self.active, **self.stats, "outcomes": dict(self.outcomes)}
 
     def register_methods(self, methods: MethodRegistry) -> None:
-        methods.register("click2dial.call", self.call,
+        async def call(from_: str, to: str) -> str:
+            return await self.call(from_, to)
+
+        methods.register("click2dial.call", call,
                          help="Connect a registered local subscriber's phone to a callee: the "
                               "phone is called, then REFERred (or bridged with 3PCC). Returns "
                               "the job id.",
-                         params_doc={"caller": "the subscriber to call first: 1001, "
-                                               "1001@domain or sip:1001@domain",
-                                     "callee": "whom the caller gets connected to: a user, "
-                                               "a number or a sip:/tel: URI"})
+                         params_doc={"from": "the subscriber to call first: 1001, "
+                                             "1001@domain or sip:1001@domain",
+                                     "to": "whom the caller gets connected to: a user, "
+                                           "a number or a sip:/tel: URI"})
         methods.register("click2dial.status", self.status,
                          help="A click-to-dial job: state, failure reason, SIP statuses.",
                          params_doc={"id": "the job id click2dial.call returned"})

@@ -72,6 +72,7 @@ import enum
 import functools
 import inspect
 import ipaddress
+import keyword
 import logging
 import os
 import re
@@ -487,12 +488,13 @@ Handler = Callable[..., Awaitable[Any]]
 class ParamSpec:
     """One parameter of a method, as validated on the wire and shown by ``system.help``."""
 
-    name: str
+    name: str  # on the wire
     type_text: str
     required: bool
     default: Any
     doc: str
     convert: _Converter = dataclasses.field(repr=False, compare=False)
+    arg: str = ""  # the handler's keyword, when it differs (``from_`` for wire ``from``)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -549,7 +551,7 @@ class MethodSpec:
         kwargs: dict[str, Any] = {}
         for p in self.params:
             if p.name in given:
-                kwargs[p.name] = p.convert(given[p.name], p.name, True)
+                kwargs[p.arg or p.name] = p.convert(given[p.name], p.name, True)
             elif p.required:
                 raise ControlError(INVALID_PARAMS, f"{self.name}: missing parameter {p.name!r}")
         return kwargs
@@ -618,13 +620,18 @@ class MethodRegistry:
                 convert = _build_converter(p.annotation)
             except TypeError as exc:
                 raise TypeError(f"handler for {name!r}, parameter {p.name!r}: {exc}") from exc
+            # A handler spells a Python keyword with a trailing underscore (PEP 8): the wire
+            # name is the word itself, so `click2dial.call {from, to}` reaches `from_`.
+            wire = p.name[:-1] if p.name.endswith("_") and keyword.iskeyword(p.name[:-1]) \
+                else p.name
             params.append(
                 ParamSpec(
-                    name=p.name,
+                    name=wire,
+                    arg=p.name,
                     type_text=_type_text(p.annotation),
                     required=p.default is p.empty,
                     default=None if p.default is p.empty else p.default,
-                    doc=docs.pop(p.name, ""),
+                    doc=docs.pop(wire, docs.pop(p.name, "")),
                     convert=convert,
                 )
             )

@@ -117,7 +117,7 @@ def test_job_connects_caller_and_callee_and_ends_its_own_dialog(
     caller = phones.register("1001", transport=transport)
     callee = phones.register("1002")
 
-    job_id = ctl.call("click2dial.call", "1001", "1002")
+    job_id = ctl.call("click2dial.call", **{"from": "1001", "to": "1002"})
     assert isinstance(job_id, str) and job_id
 
     # The server's INVITE reaches the caller's phone, which answers it.

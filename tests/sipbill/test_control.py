@@ -910,3 +910,18 @@ def test_limits_are_validated() -> None:
         ControlLimits(idle_timeout=0)
     with pytest.raises(ValueError):
         ControlLimits(write_high_water=10, max_write_buffer=5)
+
+
+def test_python_keyword_parameters_use_the_plain_word_on_the_wire() -> None:
+    registry = MethodRegistry()
+
+    async def dial(from_: str, to: str) -> str:
+        return f"{from_}->{to}"
+
+    spec = registry.register("c2d.call", dial, help="", params_doc={"from": "caller"})
+    assert [p.name for p in spec.params] == ["from", "to"]
+    assert spec.bind({"from": "1001", "to": "1002"}) == {"from_": "1001", "to": "1002"}
+    assert spec.bind(["1001", "1002"]) == {"from_": "1001", "to": "1002"}
+    with pytest.raises(ControlError):
+        spec.bind({"from_": "1001", "to": "1002"})  # the Python spelling is not the wire name
+    assert spec.describe()["params"][0]["name"] == "from"
