@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import asyncpg
 
-from billing.ledger import Ledger, LowBalanceOutcome, cdr_dict, lock_account, post_entry
+from billing.ledger import Account, Ledger, LowBalanceOutcome, cdr_dict, post_entry
 from billing.rating import (
     Rate,
     Rating,
@@ -96,6 +96,25 @@ DATABASE_UNREACHABLE: Final = (
     asyncpg.CannotConnectNowError,
 )
 _DB_DOWN = DATABASE_UNREACHABLE
+
+
+#: A call's reservation and CDR, both locked ``FOR UPDATE`` (after its account row: every
+#: writer takes the account first, so two of them never wait for each other in a circle).
+_LOCK_CALL: Final = """
+    SELECT r.*, c.id AS cdr_id, c.rate AS cdr_rate, c.destination AS cdr_destination
+    FROM reservations r JOIN cdrs c ON c.call_id = r.call_id
+    WHERE r.call_id = $1
+    FOR UPDATE OF r, c
+"""
+
+
+async def _lock_account_of_call(conn: Connection, call_id: str) -> Record | None:
+    """The account row of the call's reservation, locked; None without a reservation."""
+    return await conn.fetchrow(
+        "SELECT * FROM accounts WHERE id = "
+        "(SELECT account_id FROM reservations WHERE call_id = $1) FOR UPDATE",
+        call_id,
+    )
 
 
 class UnknownCall(LookupError):
@@ -142,6 +161,8 @@ class Settlement:
     recovered: bool
     already_settled: bool = False
     low_balance: LowBalanceOutcome | None = None
+    # The charge took the balance below the account's low-balance threshold.
+    below_threshold: bool = False
 
 
 def _refused(call_id: str, status: int, reason: str, detail: str, **extra: Any) -> Authorization:
@@ -217,92 +238,112 @@ class CreditControl:
         self, call_id: str, caller: tuple[str, str], callee_number: str, now: datetime
     ) -> Authorization:
         username, domain = caller
-        account = await self.ledger.account_for_subscriber(username, domain)
-        if account is None:
-            log.info("event=call_refused call_id=%s reason=no_account caller=%s@%s",
-                     call_id, username, domain)
-            return _refused(call_id, self.settings.no_account_status, "no_account",
-                            "No Billing Account")
-        if account.locked:
-            # Checked again under the row lock below; this early answer keeps a locked
-            # account's attempts out of the unbillable report.
-            return _refused(call_id, 403, "locked", "Account Locked", account_id=account.id,
-                            currency=account.currency)
-        destination = normalise_number(callee_number, self.settings.numbers)
-        rate = (
-            self.rating.lookup(destination, now, account.rate_table)
-            if destination is not None
-            else None
-        )
-        why = ""
-        if destination is None:
-            why = "not a telephone number"
-        elif rate is None:
-            why = "no rate"
-        elif rate.currency != account.currency:
-            # A rate priced in another currency than the account's cannot be charged to it.
-            why = f"rate in {rate.currency}, account in {account.currency}"
-            rate = None
-        if rate is None:
-            await self._record_unbillable(call_id, account.id, account.rate_table, caller,
-                                          callee_number, destination, why, now)
-            return _refused(call_id, self.settings.unbillable_status, "unbillable",
-                            "No Rate For Destination", account_id=account.id,
-                            destination=destination, currency=account.currency)
-
         if self._started_at is None:
             await self.start(now)
+        # One connection, one transaction, four statements on the common path: the account
+        # row locked, the reservations it holds, the CDR and reservation written together.
+        unbillable: tuple[Account, str | None, str] | None = None
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await lock_account(conn, account.id)
-            existing = await conn.fetchrow(
-                "SELECT * FROM reservations WHERE call_id = $1", call_id
+            row = await conn.fetchrow(
+                "SELECT a.* FROM accounts a JOIN account_subscribers s "
+                "ON s.account_id = a.id WHERE s.username = $1 AND s.domain = $2 "
+                "FOR UPDATE OF a",
+                username, domain,
             )
-            if existing is not None:
-                # The same INVITE authorised again (a retry after a lost reply): same answer.
-                reserved_now = await conn.fetchval(
-                    "SELECT COALESCE(sum(amount), 0) FROM reservations WHERE account_id = $1",
-                    account.id,
-                )
-                return Authorization(
-                    call_id, True, 0, "ok", "OK", account_id=existing["account_id"],
-                    destination=destination, rate=rate,
-                    max_duration=existing["max_duration"], reserved=existing["amount"],
-                    currency=account.currency, display_balance=row["balance"] - reserved_now,
-                )
-            if row["status"] == "locked":
+            if row is None:
+                log.info("event=call_refused call_id=%s reason=no_account caller=%s@%s",
+                         call_id, username, domain)
+                return _refused(call_id, self.settings.no_account_status, "no_account",
+                                "No Billing Account")
+            account = Account.from_record(row)
+            if account.locked:
+                # Before rating: a locked account's attempts stay out of the unbillable
+                # report.
                 log.info("event=call_refused call_id=%s reason=locked account=%s",
                          call_id, account.id)
                 return _refused(call_id, 403, "locked", "Account Locked",
-                                account_id=account.id, destination=destination,
-                                currency=account.currency)
-            stats = await conn.fetchrow(
-                "SELECT count(*) AS calls, COALESCE(sum(amount), 0) AS reserved "
-                "FROM reservations WHERE account_id = $1",
-                account.id,
+                                account_id=account.id, currency=account.currency)
+            destination = normalise_number(callee_number, self.settings.numbers)
+            rate = (
+                self.rating.lookup(destination, now, account.rate_table)
+                if destination is not None
+                else None
             )
-            assert stats is not None
-            limit = row["max_concurrent_calls"] or self.settings.max_concurrent_calls_per_account
-            if limit and stats["calls"] >= limit:
-                log.info("event=call_refused call_id=%s reason=too_many_calls account=%s",
-                         call_id, account.id)
-                return _refused(call_id, self.settings.concurrent_calls_status,
-                                "too_many_calls", "Too Many Simultaneous Calls",
-                                account_id=account.id, destination=destination,
-                                currency=account.currency)
-            funds: Decimal = row["balance"] + row["credit_limit"] - stats["reserved"]
-            seconds = max_duration(funds, rate, self.settings.max_call_duration)
-            if seconds == 0:
-                log.info("event=call_refused call_id=%s reason=insufficient_funds account=%s "
-                         "available=%s", call_id, account.id, funds)
-                return _refused(call_id, 402, "insufficient_funds", "Payment Required",
-                                account_id=account.id, destination=destination, rate=rate,
-                                currency=account.currency)
-            amount = cost(rate, seconds)
-            cdr_id = await conn.fetchval(
-                """
+            why = ""
+            if destination is None:
+                why = "not a telephone number"
+            elif rate is None:
+                why = "no rate"
+            elif rate.currency != account.currency:
+                # A rate priced in another currency cannot be charged to the account.
+                why = f"rate in {rate.currency}, account in {account.currency}"
+                rate = None
+            if rate is None:
+                unbillable = (account, destination, why)
+            else:
+                return await self._reserve(conn, account, call_id, caller, callee_number,
+                                           destination, rate, now)
+        # Recorded outside the account's lock: nothing about the account changes.
+        assert unbillable is not None
+        account, destination, why = unbillable
+        await self._record_unbillable(call_id, account.id, account.rate_table, caller,
+                                      callee_number, destination, why, now)
+        return _refused(call_id, self.settings.unbillable_status, "unbillable",
+                        "No Rate For Destination", account_id=account.id,
+                        destination=destination, currency=account.currency)
+
+    async def _reserve(
+        self,
+        conn: Connection,
+        account: Account,
+        call_id: str,
+        caller: tuple[str, str],
+        callee_number: str,
+        destination: str | None,
+        rate: Rate,
+        now: datetime,
+    ) -> Authorization:
+        """The part of :meth:`authorize` that runs under the account's row lock."""
+        # Read after the lock is held (a statement of its own): in READ COMMITTED a new
+        # statement sees every reservation committed before the lock was granted.
+        rows = await conn.fetch(
+            "SELECT call_id, account_id, amount, max_duration FROM reservations "
+            "WHERE account_id = $1 OR call_id = $2",
+            account.id, call_id,
+        )
+        held = [r for r in rows if r["account_id"] == account.id]
+        reserved: Decimal = sum((r["amount"] for r in held), Decimal(0))
+        existing = next((r for r in rows if r["call_id"] == call_id), None)
+        if existing is not None:
+            # The same INVITE authorised again (a retry after a lost reply): same answer.
+            return Authorization(
+                call_id, True, 0, "ok", "OK", account_id=existing["account_id"],
+                destination=destination, rate=rate, max_duration=existing["max_duration"],
+                reserved=existing["amount"], currency=account.currency,
+                display_balance=account.balance - reserved,
+            )
+        limit = account.max_concurrent_calls or self.settings.max_concurrent_calls_per_account
+        if limit and len(held) >= limit:
+            log.info("event=call_refused call_id=%s reason=too_many_calls account=%s",
+                     call_id, account.id)
+            return _refused(call_id, self.settings.concurrent_calls_status, "too_many_calls",
+                            "Too Many Simultaneous Calls", account_id=account.id,
+                            destination=destination, currency=account.currency)
+        funds = account.balance + account.credit_limit - reserved
+        seconds = max_duration(funds, rate, self.settings.max_call_duration)
+        if seconds == 0:
+            log.info("event=call_refused call_id=%s reason=insufficient_funds account=%s "
+                     "available=%s", call_id, account.id, funds)
+            return _refused(call_id, 402, "insufficient_funds", "Payment Required",
+                            account_id=account.id, destination=destination, rate=rate,
+                            currency=account.currency)
+        amount = cost(rate, seconds)
+        reservation_id = await conn.fetchval(
+            """
+            WITH cdr AS (
                 INSERT INTO cdrs (call_id, account_id, caller_username, caller_domain, callee,
-                    destination, prefix, rate_id, rate, currency, reserved_amount, max_duration,
-                    start_at, status, node)
+                    destination, prefix, rate_id, rate, currency, reserved_amount,
+                    max_duration, start_at, status, node)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13,
                         'in_progress', $14)
                 ON CONFLICT (call_id) DO UPDATE SET
@@ -319,30 +360,27 @@ class CreditControl:
                 WHERE cdrs.journal_id IS NULL AND cdrs.answer_at IS NULL
                   AND cdrs.status <> 'in_progress'
                 RETURNING id
-                """,
-                call_id, account.id, username, domain, callee_number, destination,
-                rate.prefix, rate.id, rate.snapshot_json(), account.currency, amount, seconds,
-                now, self.node_id,
             )
-            if cdr_id is None:
-                return _refused(call_id, 403, "duplicate_call_id", "Call-ID Already Used",
-                                account_id=account.id, destination=destination,
-                                currency=account.currency)
-            await conn.execute(
-                """
-                INSERT INTO reservations (call_id, account_id, amount, max_duration,
-                                          created_at, node)
-                VALUES ($1, $2, $3, $4, $5, $6)
-                """,
-                call_id, account.id, amount, seconds, now, self.node_id,
-            )
+            INSERT INTO reservations (call_id, account_id, amount, max_duration, created_at,
+                                      node)
+            SELECT $1, $2, $11, $12, $13, $14 FROM cdr
+            RETURNING id
+            """,
+            call_id, account.id, caller[0], caller[1], callee_number, destination,
+            rate.prefix, rate.id, rate.snapshot_json(), account.currency, amount, seconds,
+            now, self.node_id,
+        )
+        if reservation_id is None:
+            return _refused(call_id, 403, "duplicate_call_id", "Call-ID Already Used",
+                            account_id=account.id, destination=destination,
+                            currency=account.currency)
         log.info("event=call_authorized call_id=%s account=%s destination=%s prefix=%s "
                  "max_duration=%s reserved=%s", call_id, account.id, destination, rate.prefix,
                  seconds, amount)
         return Authorization(call_id, True, 0, "ok", "OK", account_id=account.id,
                              destination=destination, rate=rate, max_duration=seconds,
                              reserved=amount, currency=account.currency,
-                             display_balance=row["balance"] - stats["reserved"] - amount)
+                             display_balance=account.balance - reserved - amount)
 
     async def _record_unbillable(
         self,
@@ -383,15 +421,17 @@ class CreditControl:
     async def answered(self, call_id: str, at: datetime) -> bool:
         """The call was answered (2xx) at ``at``: its billing starts. Idempotent; returns
         False for an unknown or already answered call."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE reservations SET answered_at = $2, heartbeat_at = $2 "
-                "WHERE call_id = $1 AND answered_at IS NULL",
-                call_id, at,
-            )
+        async with self._pool.acquire() as conn:
+            # One statement, so one round trip and atomic without a transaction block.
             status = await conn.execute(
-                "UPDATE cdrs SET answer_at = $2 "
-                "WHERE call_id = $1 AND status = 'in_progress' AND answer_at IS NULL",
+                """
+                WITH res AS (
+                    UPDATE reservations SET answered_at = $2, heartbeat_at = $2
+                    WHERE call_id = $1 AND answered_at IS NULL
+                )
+                UPDATE cdrs SET answer_at = $2
+                WHERE call_id = $1 AND status = 'in_progress' AND answer_at IS NULL
+                """,
                 call_id, at,
             )
         return status != "UPDATE 0"
@@ -438,22 +478,15 @@ class CreditControl:
         self, call_id: str, end_at: datetime, disconnect_reason: str, *, recovered: bool
     ) -> Settlement | None:
         """Settle in one transaction; None if there is no reservation (settled already)."""
-        async with self._pool.acquire() as conn:
-            account_id = await conn.fetchval(
-                "SELECT account_id FROM reservations WHERE call_id = $1", call_id
-            )
-            if account_id is None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            account = await _lock_account_of_call(conn, call_id)
+            if account is None:
                 return None
-            async with conn.transaction():
-                # Same lock order as authorize: account row, then reservation row.
-                account = await lock_account(conn, account_id)
-                res = await conn.fetchrow(
-                    "SELECT * FROM reservations WHERE call_id = $1 FOR UPDATE", call_id
-                )
-                if res is None:
-                    return None  # another settle or recovery won the race
-                return await self._settle_locked(conn, account, res, end_at,
-                                                 disconnect_reason, recovered)
+            res = await conn.fetchrow(_LOCK_CALL, call_id)
+            if res is None:
+                return None  # another settle or recovery won the race
+            return await self._settle_locked(conn, account, res, end_at,
+                                             disconnect_reason, recovered)
 
     async def _settle_locked(
         self,
@@ -464,22 +497,21 @@ class CreditControl:
         disconnect_reason: str,
         recovered: bool,
     ) -> Settlement:
+        """``res`` is a row of :data:`_LOCK_CALL` (reservation and CDR, both locked)."""
         call_id: str = res["call_id"]
-        cdr = await conn.fetchrow("SELECT * FROM cdrs WHERE call_id = $1 FOR UPDATE", call_id)
-        assert cdr is not None  # written in the same transaction as the reservation
-        await conn.execute("DELETE FROM reservations WHERE id = $1", res["id"])
         answered_at: datetime | None = res["answered_at"]
         if answered_at is None:
             status = "failed" if recovered else "cancelled"
             await conn.execute(
+                "WITH gone AS (DELETE FROM reservations WHERE id = $6) "
                 "UPDATE cdrs SET status = $2, end_at = $3, disconnect_reason = $4, "
                 "recovered = $5, billed_duration = 0, charged_duration = 0, cost = 0 "
                 "WHERE id = $1",
-                cdr["id"], status, end_at, disconnect_reason, recovered,
+                res["cdr_id"], status, end_at, disconnect_reason, recovered, res["id"],
             )
             return Settlement(call_id, account["id"], status, 0, 0, Decimal(0), None, None,
                               recovered)
-        rate = rate_from_snapshot(cdr["rate"])
+        rate = rate_from_snapshot(res["cdr_rate"])
         talked = max(0.0, (end_at - answered_at).total_seconds())
         # Started seconds count (a 95.2 s call is 96 s), but never beyond what was reserved:
         # the proxy's BYE at the limit arrives a little late, and that is not the caller's.
@@ -490,27 +522,31 @@ class CreditControl:
         balance_after: Decimal = account["balance"]
         if amount > 0:
             entry = await post_entry(conn, account, -amount, "charge",
-                                     f"call to {cdr['destination']}", call_id)
+                                     f"call to {res['cdr_destination']}", call_id)
             entry_id, balance_after = entry.id, entry.balance_after
         await conn.execute(
             """
+            WITH gone AS (DELETE FROM reservations WHERE id = $9)
             UPDATE cdrs SET status = 'answered', end_at = $2, billed_duration = $3,
                 charged_duration = $4, cost = $5, journal_id = $6, disconnect_reason = $7,
                 recovered = $8
             WHERE id = $1
             """,
-            cdr["id"], end_at, duration, charged, amount, entry_id, disconnect_reason,
-            recovered,
+            res["cdr_id"], end_at, duration, charged, amount, entry_id, disconnect_reason,
+            recovered, res["id"],
         )
+        threshold: Decimal | None = account["low_balance_threshold"]
         log.info("event=call_settled call_id=%s account=%s duration=%s cost=%s recovered=%s",
                  call_id, account["id"], duration, amount, recovered)
         return Settlement(call_id, account["id"], "answered", duration, charged, amount,
-                          balance_after, entry_id, recovered)
+                          balance_after, entry_id, recovered,
+                          below_threshold=threshold is not None and balance_after < threshold)
 
     async def _after_charge(self, settlement: Settlement) -> Settlement:
         """Low-balance handling once the charge is committed (never inside its transaction:
         a payment provider may be slow, and the charge must stand whatever it answers)."""
-        if settlement.journal_id is None or settlement.account_id is None:
+        if (settlement.journal_id is None or settlement.account_id is None
+                or not settlement.below_threshold):
             return settlement
         try:
             outcome = await self.ledger.check_low_balance(
@@ -644,28 +680,22 @@ class CreditControl:
         return settled
 
     async def _recover_one(self, call_id: str) -> Settlement | None:
-        async with self._pool.acquire() as conn:
-            account_id = await conn.fetchval(
-                "SELECT account_id FROM reservations WHERE call_id = $1", call_id
-            )
-            if account_id is None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            account = await _lock_account_of_call(conn, call_id)
+            if account is None:
                 return None
-            async with conn.transaction():
-                account = await lock_account(conn, account_id)
-                res = await conn.fetchrow(
-                    "SELECT * FROM reservations WHERE call_id = $1 FOR UPDATE", call_id
-                )
-                if res is None:
-                    return None  # settled meanwhile, by its node or another sweep
-                answered_at: datetime | None = res["answered_at"]
-                if answered_at is None:
-                    end_at: datetime = res["heartbeat_at"] or res["created_at"]
-                else:
-                    last_known: datetime = max(res["heartbeat_at"] or answered_at, answered_at)
-                    end_at = min(last_known,
-                                 answered_at + timedelta(seconds=res["max_duration"]))
-                return await self._settle_locked(conn, account, res, end_at, RECOVERED,
-                                                 recovered=True)
+            res = await conn.fetchrow(_LOCK_CALL, call_id)
+            if res is None:
+                return None  # settled meanwhile, by its node or another sweep
+            answered_at: datetime | None = res["answered_at"]
+            if answered_at is None:
+                end_at: datetime = res["heartbeat_at"] or res["created_at"]
+            else:
+                last_known: datetime = max(res["heartbeat_at"] or answered_at, answered_at)
+                end_at = min(last_known,
+                             answered_at + timedelta(seconds=res["max_duration"]))
+            return await self._settle_locked(conn, account, res, end_at, RECOVERED,
+                                             recovered=True)
 
     async def run_maintenance(
         self,

@@ -173,12 +173,20 @@ async def post_entry(
     if amount == 0:
         raise LedgerError("a journal entry must move money (amount is 0)")
     balance_after: Decimal = account["balance"] + amount
+    # One round trip: the journal row and the balance it leads to, or neither (a posting
+    # with this reference exists). Call settlement runs this for every call.
     row = await conn.fetchrow(
         """
-        INSERT INTO journal (account_id, amount, balance_after, kind, reason, reference)
-        VALUES ($1, $2, $3, $4, $5, $6)
-        ON CONFLICT (kind, reference) DO NOTHING
-        RETURNING *
+        WITH entry AS (
+            INSERT INTO journal (account_id, amount, balance_after, kind, reason, reference)
+            VALUES ($1, $2, $3, $4, $5, $6)
+            ON CONFLICT (kind, reference) DO NOTHING
+            RETURNING *
+        ), moved AS (
+            UPDATE accounts SET balance = $3, updated_at = now()
+            WHERE id = $1 AND EXISTS (SELECT 1 FROM entry)
+        )
+        SELECT * FROM entry
         """,
         account["id"],
         amount,
@@ -198,11 +206,6 @@ async def post_entry(
                 f"on account {earlier['account_id']}"
             )
         return JournalEntry.from_record(earlier, applied=False)
-    await conn.execute(
-        "UPDATE accounts SET balance = $2, updated_at = now() WHERE id = $1",
-        account["id"],
-        balance_after,
-    )
     return JournalEntry.from_record(row)
 
 

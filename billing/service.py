@@ -125,6 +125,7 @@ class _Call:
     auth: Authorization | None  # None: a free call between subscribers (CDR only)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     answered_at: datetime | None = None
+    answer_recorded: bool = False  # the database has the answer time
     dialog: Dialog | None = None
     timer: asyncio.TimerHandle | None = None
     done: asyncio.Future[Settlement | None] = field(
@@ -413,8 +414,13 @@ class BillingService:
             return
         at = self.clock()
         state.answered_at = at
-        self._spawn(self._serially(state, self._with_retry(
-            state.call_id, lambda: self.credit.answered(state.call_id, at))))
+
+        async def record() -> None:
+            if await self._with_retry(state.call_id,
+                                      lambda: self.credit.answered(state.call_id, at)):
+                state.answer_recorded = True
+
+        self._spawn(self._serially(state, record()))
 
     def on_dialog_confirmed(self, event: DialogConfirmed) -> None:
         state = self.calls.get(event.dialog.call_id)
@@ -480,9 +486,10 @@ class BillingService:
         answered_at = state.answered_at
 
         async def settle() -> Settlement:
-            if answered_at is not None:
-                # Idempotent; repeats an answer a database outage kept from being recorded.
+            if answered_at is not None and not state.answer_recorded:
+                # An answer a database outage kept from being recorded (idempotent).
                 await self.credit.answered(state.call_id, answered_at)
+                state.answer_recorded = True
             return await self.credit.settle(state.call_id, end, reason)
 
         result = await self._with_retry(state.call_id, settle)
