@@ -50,7 +50,7 @@ Servers:
   check the digest uri, because SIPp 3.6 answers only the first challenge and puts the server
   address into that uri (as in tests/sipcore/test_e2e_sipp.py).  ``--core-only`` turns the
   modules off (billing, msilo, presence, clicktodial): the same job as the Kamailio config.
-* ``--kamailio``: Kamailio (bench/kamailio.cfg: auth_db over db_text, usrloc in memory,
+* ``--kamailio``: Kamailio (bench/kamailio.cfg: HA1s in an htable, usrloc in memory,
   record-routing proxy, 2 UDP workers) with the same subscribers.
 * ``--target HOST:PORT --pids PID,...``: any running server that has those subscribers;
   CPU and memory are read for the given processes and their descendants (``--db-pids`` for a
@@ -233,17 +233,21 @@ class SipbillServer(Server):
         self.admin_dsn = dsn
         self._db_roots: list[int] = []
         self.proc: subprocess.Popen[bytes] | None = None
-        if dsn is None:
-            from sipbill.db import EmbeddedPostgres
-
-            self.embedded = EmbeddedPostgres(self.pgdata)
-            self.admin_dsn = self.embedded.start()
-        assert self.admin_dsn is not None
         self.dbname = "sipbill_bench_" + uuid.uuid4().hex[:8]
-        parts = urlsplit(self.admin_dsn)
-        self.dsn = urlunsplit(parts._replace(path="/" + self.dbname))
-        asyncio.run(self._provision(all_subscribers(n_users)))
-        self._start()
+        try:
+            if dsn is None:
+                from sipbill.db import EmbeddedPostgres
+
+                self.embedded = EmbeddedPostgres(self.pgdata)
+                self.admin_dsn = self.embedded.start()
+            assert self.admin_dsn is not None
+            parts = urlsplit(self.admin_dsn)
+            self.dsn = urlunsplit(parts._replace(path="/" + self.dbname))
+            asyncio.run(self._provision(all_subscribers(n_users)))
+            self._start()
+        except BaseException:
+            self.stop()  # no PostgreSQL or database left behind
+            raise
 
     async def _provision(self, users: list[User]) -> None:
         import asyncpg
@@ -325,6 +329,14 @@ user_failure_limit = 0
             self.proc = subprocess.Popen([sipbill, "serve", "--config", str(cfg)],
                                          stdout=out, stderr=subprocess.STDOUT,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # The SIP socket is bound (and may answer) before start-up has finished loading the
+        # bindings; the banner comes last (tests/support.py waits for it too).
+        deadline = time.monotonic() + 120.0
+        while "sipbill listening on" not in self.log_path.read_text(errors="replace"):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"sipbill did not start; log {self.log_path}:\n"
+                                   + self.log_path.read_text(errors="replace")[-3000:])
+            time.sleep(0.1)
         _wait_for_udp(self.host, self.port, self.proc, self.log_path)
         log(f"sipbill pid {self.proc.pid} on udp:127.0.0.1:{self.port}")
 
@@ -363,7 +375,7 @@ user_failure_limit = 0
 
 
 class KamailioServer(Server):
-    """Kamailio with bench/kamailio.cfg and the subscribers in a db_text directory."""
+    """Kamailio with bench/kamailio.cfg and the subscribers' HA1s in a db_text directory."""
 
     def __init__(self, workdir: Path, n_users: int, workers: int) -> None:
         binary = shutil.which("kamailio") or "/usr/sbin/kamailio"
@@ -381,7 +393,11 @@ class KamailioServer(Server):
         with open(self.log_path, "ab") as out:
             self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT)
-        _wait_for_udp(self.host, self.port, self.proc, self.log_path)
+        try:
+            _wait_for_udp(self.host, self.port, self.proc, self.log_path)
+        except BaseException:
+            self.stop()
+            raise
         log(f"kamailio pid {self.proc.pid} on udp:127.0.0.1:{self.port}")
 
     def server_roots(self) -> list[int]:
@@ -394,19 +410,20 @@ class KamailioServer(Server):
 
 
 def write_dbtext(dbdir: Path, users: Sequence[User]) -> None:
-    """A db_text database with the ``subscriber`` table (HA1 only) that auth_db reads."""
+    """A db_text database with the ``htable`` table kamailio.cfg loads its ``ha1`` hash from:
+    key ``user@domain``, value the MD5 HA1 (key type 0 = plain key, value type 0 = string)."""
     import hashlib
 
     dbdir.mkdir(parents=True, exist_ok=True)
     (dbdir / "version").write_text(
-        "id(int,auto) table_name(string) table_version(int) \n0:subscriber:7\n0:location:9\n")
-    rows = ["id(int,auto) username(string) domain(string) password(string,null) ha1(string) "
-            "ha1b(string,null) "]
+        "id(int,auto) table_name(string) table_version(int) \n0:htable:2\n")
+    rows = ["id(int,auto) key_name(string) key_type(int) value_type(int) key_value(string) "
+            "expires(int) "]
     for i, u in enumerate(users, 1):
         ha1 = hashlib.md5(f"{u.name}:{u.domain}:{u.password}".encode()).hexdigest()
-        # db_text escapes ':' in values; no name or domain here has one.
-        rows.append(f"{i}:{u.name}:{u.domain}::{ha1}:")
-    (dbdir / "subscriber").write_text("\n".join(rows) + "\n")
+        # db_text would need ':' escaped; no name or domain here has one.
+        rows.append(f"{i}:{u.name}@{u.domain}:0:0:{ha1}:0")
+    (dbdir / "htable").write_text("\n".join(rows) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
