@@ -201,8 +201,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "ctl" in argv:
         # Everything after `ctl` belongs to the control client, options included.
         i = argv.index("ctl")
-        args = parser.parse_args([*argv[:i], "ctl"])
-        args.rest = argv[i + 1:]
+        rest = argv[i + 1:]
+        head = argv[:i]
+        # `--config FILE` may follow `ctl` as with every other sub-command.
+        while len(rest) >= 2 and rest[0] in ("--config", "-c"):
+            head += rest[:2]
+            rest = rest[2:]
+        args = parser.parse_args([*head, "ctl"])
+        args.rest = rest
     else:
         args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
