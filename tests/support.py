@@ -81,7 +81,9 @@ class ServerProcess:
     port: int = 0
     http_port: int = 0
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="sipbill-e2e-")))
-    proc: subprocess.Popen[str] | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    #: Wraps the command, e.g. ``["ip", "netns", "exec", NAME]`` to run it in a namespace.
+    command_prefix: list[str] = field(default_factory=list)
 
     @property
     def config_path(self) -> Path:
@@ -130,7 +132,7 @@ class ServerProcess:
         # Output goes to a file: a pipe nobody drains would block a chatty server.
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [SIPBILL, "serve", "--config", str(self.config_path)],
+                [*self.command_prefix, SIPBILL, "serve", "--config", str(self.config_path)],
                 stdout=log, stderr=subprocess.STDOUT, env=env,
             )
         deadline = time.monotonic() + timeout
