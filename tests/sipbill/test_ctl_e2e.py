@@ -10,6 +10,7 @@ import pytest
 
 from sipbill.control import ControlError
 from sipbill.ctlclient import ControlClient
+from tests.pjsua import UserAgents
 from tests.support import SCENARIOS, SIPBILL, ServerProcess, free_port, run_sipp
 
 
@@ -64,3 +65,20 @@ def test_core_methods_and_errors(server: ServerProcess) -> None:
         assert err.value.code == -32601
         stats = client.call("stats")
         assert stats["transport"]["udp_datagrams_in"] >= 0 and "proxy" in stats
+
+
+def test_ul_dump_shows_a_pjsua2_binding(server: ServerProcess, agents: UserAgents) -> None:
+    """Issue 6's check: `sipbill ctl ul.dump` shows a real phone's registration."""
+    phone = agents.register("1002", "demo1002", server.port)
+    try:
+        assert phone.registered, phone.reg_code
+        out = ctl(server, "--json", "ul.dump")
+        assert out.returncode == 0, out.stderr
+        bindings = json.loads(out.stdout)["records"]["sip:1002@localhost"]
+        host, port = phone.contact_host_port
+        assert any(f"{host}:{port}" in b["contact"] for b in bindings), bindings
+        table = ctl(server, "ul.lookup", "1002")  # the human table, too
+        assert table.returncode == 0 and f"{host}:{port}" in table.stdout
+    finally:
+        phone.unregister()
+        phone.close()
