@@ -129,6 +129,8 @@ class ServerProcess:
             self.http_port = free_port()
         self.config_path.write_text(to_toml(self.config()))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # A restart appends to the same log: only this run's lines say it is up.
+        seen = len(self.logs())
         # Output goes to a file: a pipe nobody drains would block a chatty server.
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
@@ -137,7 +139,7 @@ class ServerProcess:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "sipbill listening on" in self.logs():
+            if "sipbill listening on" in self.logs()[seen:]:
                 return self
             if self.proc.poll() is not None:
                 break
