@@ -18,7 +18,9 @@ points of a call's life (RFC 3261 §13 INVITE, §15 BYE, §16 proxying):
     A number without a rate is *unbillable*: refused (403 or 404, configured) and recorded.
 
 ``answered`` (2xx to the INVITE)
-    Records the answer time; billing runs from here.
+    Records the answer time; billing runs from here. The proxy writes the answers of a busy
+    moment in one statement (``answered_many``) and hands each settlement its call's answer
+    time, so a settlement never waits for, or depends on, that write.
 
 ``settle`` (BYE from either side, or the proxy cutting the call at ``max_duration``)
     In one transaction: cost of the seconds from answer to end (capped at the reserved
@@ -42,6 +44,18 @@ points of a call's life (RFC 3261 §13 INVITE, §15 BYE, §16 proxying):
 
 If the database cannot be reached, ``authorize`` answers 503 (a billable call is never let
 through unbilled); calls already authorised keep their timers in the proxy.
+
+Round trips
+-----------
+Every call pays for its database work in proxy CPU, so the locked steps run server-side as
+two plpgsql functions (migration 0004): ``billing_reserve`` (lock the account, sum its
+reservations with a fresh snapshot, check, write CDR and reservation) and ``billing_settle``
+(lock, charge, delete, complete). All arithmetic stays here; the functions compare and write.
+``authorize`` reads the account first unless this node remembers its available funds from
+the caller's last call, in which case the reservation goes straight to ``billing_reserve``
+with the remembered figure, which answers ``stale`` (and reserves nothing) unless it equals
+what it finds under the lock. A typical call is then three statements: reserve, a share of
+a batched answer write, settle (bench/billing_calls.py measures what that costs).
 """
 
 from __future__ import annotations
@@ -52,7 +66,7 @@ import math
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -60,7 +74,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import asyncpg
 
-from billing.ledger import Account, Ledger, LowBalanceOutcome, cdr_dict, post_entry
+from billing.ledger import Account, Ledger, LowBalanceOutcome, cdr_dict
 from billing.rating import (
     Rate,
     Rating,
@@ -98,23 +112,62 @@ DATABASE_UNREACHABLE: Final = (
 _DB_DOWN = DATABASE_UNREACHABLE
 
 
-#: A call's reservation and CDR, both locked ``FOR UPDATE`` (after its account row: every
-#: writer takes the account first, so two of them never wait for each other in a circle).
-_LOCK_CALL: Final = """
-    SELECT r.*, c.id AS cdr_id, c.rate AS cdr_rate, c.destination AS cdr_destination
+#: A call's reservation with what settling needs from its CDR (read without locks;
+#: billing_settle checks under the locks that the answer time has not moved since).
+_READ_CALL: Final = """
+    SELECT r.call_id, r.answered_at, r.max_duration, r.amount, r.heartbeat_at, r.created_at,
+           c.rate AS cdr_rate, c.destination AS cdr_destination
     FROM reservations r JOIN cdrs c ON c.call_id = r.call_id
     WHERE r.call_id = $1
-    FOR UPDATE OF r, c
 """
+@dataclass(frozen=True, slots=True)
+class _AccountView:
+    """The account a subscriber's calls were last charged to, as this node saw it."""
+
+    id: int
+    currency: str
+    rate_table: str
 
 
-async def _lock_account_of_call(conn: Connection, call_id: str) -> Record | None:
-    """The account row of the call's reservation, locked; None without a reservation."""
-    return await conn.fetchrow(
-        "SELECT * FROM accounts WHERE id = "
-        "(SELECT account_id FROM reservations WHERE call_id = $1) FOR UPDATE",
-        call_id,
-    )
+#: Subscribers whose accounts a node remembers (beyond it forgets them all and re-reads).
+_REMEMBERED_ACCOUNTS: Final = 100_000
+#: Tries of a reservation whose funds shrank, or a settlement whose answer time moved,
+#: between the read and the locked write.
+_RESERVE_ATTEMPTS: Final = 5
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """What settling a call needs: from its reservation and CDR, or from the proxy."""
+
+    answered_at: datetime | None
+    max_duration: int
+    reserved: Decimal
+    rate: Rate
+    destination: str | None
+
+
+def _plan(call: _Known, end_at: datetime, recovered: bool) -> tuple[str, int, int, Decimal]:
+    """(status, billed seconds, charged seconds, cost) of ``call`` ending at ``end_at``."""
+    if call.answered_at is None:
+        return ("failed" if recovered else "cancelled"), 0, 0, Decimal(0)
+    talked = max(0.0, (end_at - call.answered_at).total_seconds())
+    # Started seconds count (a 95.2 s call is 96 s), but never beyond what was reserved:
+    # the proxy's BYE at the limit arrives a little late, and that is not the caller's.
+    duration = min(math.ceil(talked), call.max_duration)
+    return ("answered", duration, billed_duration(call.rate, duration),
+            min(cost(call.rate, duration), call.reserved))
+
+
+def _last_known_point(res: Record) -> datetime:
+    """Where the recovery sweep ends an orphaned call: its last heartbeat, never beyond its
+    reserved time; an unanswered one at its last sign of life."""
+    answered_at: datetime | None = res["answered_at"]
+    if answered_at is None:
+        end: datetime = res["heartbeat_at"] or res["created_at"]
+        return end
+    last_known: datetime = max(res["heartbeat_at"] or answered_at, answered_at)
+    return min(last_known, answered_at + timedelta(seconds=res["max_duration"]))
 
 
 class UnknownCall(LookupError):
@@ -193,6 +246,11 @@ class CreditControl:
         self.node_name = node_name or socket.gethostname()
         self.node_id = f"{self.node_name}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
         self._started_at: datetime | None = None
+        # What this node last saw of its callers' accounts, so the next call of one can be
+        # reserved in one round trip. Only ever a guess: billing_reserve compares it with
+        # the account under its lock and answers 'stale' if anything differs.
+        self._views: dict[tuple[str, str], _AccountView] = {}
+        self._available: dict[int, Decimal] = {}
 
     # -- node registration ----------------------------------------------------------------
 
@@ -240,29 +298,34 @@ class CreditControl:
         username, domain = caller
         if self._started_at is None:
             await self.start(now)
-        # One connection, one transaction, four statements on the common path: the account
-        # row locked, the reservations it holds, the CDR and reservation written together.
-        unbillable: tuple[Account, str | None, str] | None = None
-        async with self._pool.acquire() as conn, conn.transaction():
+        # One round trip when this node saw the account last (its funds as remembered,
+        # checked under the row lock by billing_reserve, migration 0004), else two: read the
+        # account and what it has reserved, then reserve under the lock, which checks the
+        # funds again and sends the computation round once more if they shrank.
+        async with self._pool.acquire() as conn:
+            view = self._views.get(caller)
+            remembered = self._available.get(view.id) if view is not None else None
+            if view is not None and remembered is not None:
+                fast = await self._reserve_remembered(conn, view, remembered, call_id, caller,
+                                                      callee_number, now)
+                if fast is not None:
+                    return fast
             row = await conn.fetchrow(
-                "SELECT a.* FROM accounts a JOIN account_subscribers s "
-                "ON s.account_id = a.id WHERE s.username = $1 AND s.domain = $2 "
-                "FOR UPDATE OF a",
+                "SELECT a.*, COALESCE((SELECT sum(amount) FROM reservations r "
+                "WHERE r.account_id = a.id), 0) AS reserved_now "
+                "FROM accounts a JOIN account_subscribers s ON s.account_id = a.id "
+                "WHERE s.username = $1 AND s.domain = $2",
                 username, domain,
             )
             if row is None:
-                log.info("event=call_refused call_id=%s reason=no_account caller=%s@%s",
-                         call_id, username, domain)
-                return _refused(call_id, self.settings.no_account_status, "no_account",
-                                "No Billing Account")
+                return self._no_account(call_id, caller)
             account = Account.from_record(row)
+            self._remember(caller, account,
+                           account.balance + account.credit_limit - row["reserved_now"])
             if account.locked:
                 # Before rating: a locked account's attempts stay out of the unbillable
                 # report.
-                log.info("event=call_refused call_id=%s reason=locked account=%s",
-                         call_id, account.id)
-                return _refused(call_id, 403, "locked", "Account Locked",
-                                account_id=account.id, currency=account.currency)
+                return self._locked(call_id, account)
             destination = normalise_number(callee_number, self.settings.numbers)
             rate = (
                 self.rating.lookup(destination, now, account.rate_table)
@@ -278,24 +341,139 @@ class CreditControl:
                 # A rate priced in another currency cannot be charged to the account.
                 why = f"rate in {rate.currency}, account in {account.currency}"
                 rate = None
-            if rate is None:
-                unbillable = (account, destination, why)
-            else:
-                return await self._reserve(conn, account, call_id, caller, callee_number,
-                                           destination, rate, now)
-        # Recorded outside the account's lock: nothing about the account changes.
-        assert unbillable is not None
-        account, destination, why = unbillable
+            if rate is not None:
+                funds = account.balance + account.credit_limit - row["reserved_now"]
+                return await self._reserve(conn, account, funds, call_id, caller,
+                                           callee_number, destination, rate, now)
         await self._record_unbillable(call_id, account.id, account.rate_table, caller,
                                       callee_number, destination, why, now)
         return _refused(call_id, self.settings.unbillable_status, "unbillable",
                         "No Rate For Destination", account_id=account.id,
                         destination=destination, currency=account.currency)
 
+    def _remember(self, caller: tuple[str, str], account: Account, available: Decimal) -> None:
+        if len(self._views) >= _REMEMBERED_ACCOUNTS:
+            self._views.clear()  # bound memory; the next call of each reads again
+            self._available.clear()
+        self._views[caller] = _AccountView(account.id, account.currency, account.rate_table)
+        self._available[account.id] = available
+
+    async def _reserve_remembered(
+        self,
+        conn: Connection,
+        view: _AccountView,
+        funds: Decimal,
+        call_id: str,
+        caller: tuple[str, str],
+        callee_number: str,
+        now: datetime,
+    ) -> Authorization | None:
+        """Reserve from what this node remembers of the account; None when that is not
+        enough to decide (a refusal is only ever made from a fresh read)."""
+        destination = normalise_number(callee_number, self.settings.numbers)
+        rate = (self.rating.lookup(destination, now, view.rate_table)
+                if destination is not None else None)
+        if rate is None or rate.currency != view.currency:
+            return None
+        seconds = max_duration(funds, rate, self.settings.max_call_duration)
+        if seconds == 0:
+            return None
+        amount = cost(rate, seconds)
+        out = await self._call_reserve(conn, call_id, view.id, view.currency, amount, seconds,
+                                       caller, callee_number, destination, rate, now,
+                                       expected=(funds, view.rate_table))
+        outcome: str = out["o_outcome"]
+        if outcome == "ok":
+            self._available[view.id] = out["o_available"] - amount
+            return self._authorized(call_id, view.id, view.currency, destination, rate,
+                                    seconds, amount, out)
+        if outcome == "existing":
+            return self._again(call_id, view.currency, destination, rate, out)
+        if outcome == "too_many_calls":
+            return self._too_many(call_id, view.id, view.currency, destination)
+        if outcome == "duplicate_call_id":
+            return _refused(call_id, 403, "duplicate_call_id", "Call-ID Already Used",
+                            account_id=view.id, destination=destination,
+                            currency=view.currency)
+        # stale, locked, no_account, funds: decide from a fresh read.
+        self._views.pop(caller, None)
+        self._available.pop(view.id, None)
+        return None
+
+    async def _call_reserve(
+        self,
+        conn: Connection,
+        call_id: str,
+        account_id: int,
+        currency: str,
+        amount: Decimal,
+        seconds: int,
+        caller: tuple[str, str],
+        callee_number: str,
+        destination: str | None,
+        rate: Rate,
+        now: datetime,
+        expected: tuple[Decimal, str] | None = None,
+    ) -> Record:
+        out = await conn.fetchrow(
+            "SELECT * FROM billing_reserve($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, "
+            "$12::jsonb, $13, $14, $15, $16, $17)",
+            call_id, account_id, amount, seconds,
+            self.settings.max_concurrent_calls_per_account, caller[0], caller[1],
+            callee_number, destination, rate.prefix, rate.id, rate.snapshot_json(), currency,
+            now, self.node_id, expected[0] if expected else None,
+            expected[1] if expected else None,
+        )
+        assert out is not None
+        return out
+
+    @staticmethod
+    def _authorized(call_id: str, account_id: int, currency: str, destination: str | None,
+                    rate: Rate, seconds: int, amount: Decimal, out: Record) -> Authorization:
+        log.info("event=call_authorized call_id=%s account=%s destination=%s prefix=%s "
+                 "max_duration=%s reserved=%s", call_id, account_id, destination, rate.prefix,
+                 seconds, amount)
+        return Authorization(call_id, True, 0, "ok", "OK", account_id=account_id,
+                             destination=destination, rate=rate, max_duration=seconds,
+                             reserved=amount, currency=currency,
+                             display_balance=out["o_balance"] - out["o_reserved"])
+
+    @staticmethod
+    def _again(call_id: str, currency: str, destination: str | None, rate: Rate,
+               out: Record) -> Authorization:
+        """The same INVITE authorised again (a retry after a lost reply): same answer."""
+        return Authorization(
+            call_id, True, 0, "ok", "OK", account_id=out["o_existing_account"],
+            destination=destination, rate=rate, max_duration=out["o_existing_max_duration"],
+            reserved=out["o_existing_amount"], currency=currency,
+            display_balance=out["o_balance"] - out["o_reserved"],
+        )
+
+    def _too_many(self, call_id: str, account_id: int, currency: str,
+                  destination: str | None) -> Authorization:
+        log.info("event=call_refused call_id=%s reason=too_many_calls account=%s",
+                 call_id, account_id)
+        return _refused(call_id, self.settings.concurrent_calls_status, "too_many_calls",
+                        "Too Many Simultaneous Calls", account_id=account_id,
+                        destination=destination, currency=currency)
+
+    def _no_account(self, call_id: str, caller: tuple[str, str]) -> Authorization:
+        log.info("event=call_refused call_id=%s reason=no_account caller=%s@%s",
+                 call_id, *caller)
+        return _refused(call_id, self.settings.no_account_status, "no_account",
+                        "No Billing Account")
+
+    @staticmethod
+    def _locked(call_id: str, account: Account) -> Authorization:
+        log.info("event=call_refused call_id=%s reason=locked account=%s", call_id, account.id)
+        return _refused(call_id, 403, "locked", "Account Locked", account_id=account.id,
+                        currency=account.currency)
+
     async def _reserve(
         self,
         conn: Connection,
         account: Account,
+        funds: Decimal,
         call_id: str,
         caller: tuple[str, str],
         callee_number: str,
@@ -303,84 +481,44 @@ class CreditControl:
         rate: Rate,
         now: datetime,
     ) -> Authorization:
-        """The part of :meth:`authorize` that runs under the account's row lock."""
-        # Read after the lock is held (a statement of its own): in READ COMMITTED a new
-        # statement sees every reservation committed before the lock was granted.
-        rows = await conn.fetch(
-            "SELECT call_id, account_id, amount, max_duration FROM reservations "
-            "WHERE account_id = $1 OR call_id = $2",
-            account.id, call_id,
-        )
-        held = [r for r in rows if r["account_id"] == account.id]
-        reserved: Decimal = sum((r["amount"] for r in held), Decimal(0))
-        existing = next((r for r in rows if r["call_id"] == call_id), None)
-        if existing is not None:
-            # The same INVITE authorised again (a retry after a lost reply): same answer.
-            return Authorization(
-                call_id, True, 0, "ok", "OK", account_id=existing["account_id"],
-                destination=destination, rate=rate, max_duration=existing["max_duration"],
-                reserved=existing["amount"], currency=account.currency,
-                display_balance=account.balance - reserved,
-            )
-        limit = account.max_concurrent_calls or self.settings.max_concurrent_calls_per_account
-        if limit and len(held) >= limit:
-            log.info("event=call_refused call_id=%s reason=too_many_calls account=%s",
-                     call_id, account.id)
-            return _refused(call_id, self.settings.concurrent_calls_status, "too_many_calls",
-                            "Too Many Simultaneous Calls", account_id=account.id,
-                            destination=destination, currency=account.currency)
-        funds = account.balance + account.credit_limit - reserved
-        seconds = max_duration(funds, rate, self.settings.max_call_duration)
-        if seconds == 0:
-            log.info("event=call_refused call_id=%s reason=insufficient_funds account=%s "
-                     "available=%s", call_id, account.id, funds)
-            return _refused(call_id, 402, "insufficient_funds", "Payment Required",
-                            account_id=account.id, destination=destination, rate=rate,
-                            currency=account.currency)
-        amount = cost(rate, seconds)
-        reservation_id = await conn.fetchval(
-            """
-            WITH cdr AS (
-                INSERT INTO cdrs (call_id, account_id, caller_username, caller_domain, callee,
-                    destination, prefix, rate_id, rate, currency, reserved_amount,
-                    max_duration, start_at, status, node)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13,
-                        'in_progress', $14)
-                ON CONFLICT (call_id) DO UPDATE SET
-                    account_id = EXCLUDED.account_id, callee = EXCLUDED.callee,
-                    destination = EXCLUDED.destination, prefix = EXCLUDED.prefix,
-                    rate_id = EXCLUDED.rate_id, rate = EXCLUDED.rate,
-                    currency = EXCLUDED.currency, reserved_amount = EXCLUDED.reserved_amount,
-                    max_duration = EXCLUDED.max_duration, start_at = EXCLUDED.start_at,
-                    answer_at = NULL, end_at = NULL, billed_duration = NULL,
-                    charged_duration = NULL, cost = NULL, status = 'in_progress',
-                    disconnect_reason = NULL, node = EXCLUDED.node
-                -- A Call-ID may be reused after a failed attempt (RFC 3261 §8.1.3.5), never
-                -- after it was charged.
-                WHERE cdrs.journal_id IS NULL AND cdrs.answer_at IS NULL
-                  AND cdrs.status <> 'in_progress'
-                RETURNING id
-            )
-            INSERT INTO reservations (call_id, account_id, amount, max_duration, created_at,
-                                      node)
-            SELECT $1, $2, $11, $12, $13, $14 FROM cdr
-            RETURNING id
-            """,
-            call_id, account.id, caller[0], caller[1], callee_number, destination,
-            rate.prefix, rate.id, rate.snapshot_json(), account.currency, amount, seconds,
-            now, self.node_id,
-        )
-        if reservation_id is None:
+        """Reserve the longest call ``funds`` pay for; ``funds`` as last read, checked again
+        under the account's row lock."""
+        refused = {"destination": destination, "currency": account.currency,
+                   "account_id": account.id}
+        for _ in range(_RESERVE_ATTEMPTS):
+            seconds = max_duration(funds, rate, self.settings.max_call_duration)
+            if seconds == 0:
+                log.info("event=call_refused call_id=%s reason=insufficient_funds account=%s "
+                         "available=%s", call_id, account.id, funds)
+                return _refused(call_id, 402, "insufficient_funds", "Payment Required",
+                                rate=rate, **refused)
+            amount = cost(rate, seconds)
+            out = await self._call_reserve(conn, call_id, account.id, account.currency, amount,
+                                           seconds, caller, callee_number, destination, rate,
+                                           now)
+            outcome: str = out["o_outcome"]
+            if outcome == "ok":
+                self._available[account.id] = out["o_available"] - amount
+                return self._authorized(call_id, account.id, account.currency, destination,
+                                        rate, seconds, amount, out)
+            if outcome == "funds":
+                funds = out["o_available"]  # another call took some: fit into what is left
+                continue
+            if outcome == "existing":
+                return self._again(call_id, account.currency, destination, rate, out)
+            if outcome == "locked":
+                return self._locked(call_id, account)
+            if outcome == "no_account":
+                return self._no_account(call_id, caller)
+            if outcome == "too_many_calls":
+                return self._too_many(call_id, account.id, account.currency, destination)
             return _refused(call_id, 403, "duplicate_call_id", "Call-ID Already Used",
-                            account_id=account.id, destination=destination,
-                            currency=account.currency)
-        log.info("event=call_authorized call_id=%s account=%s destination=%s prefix=%s "
-                 "max_duration=%s reserved=%s", call_id, account.id, destination, rate.prefix,
-                 seconds, amount)
-        return Authorization(call_id, True, 0, "ok", "OK", account_id=account.id,
-                             destination=destination, rate=rate, max_duration=seconds,
-                             reserved=amount, currency=account.currency,
-                             display_balance=account.balance - reserved - amount)
+                            **refused)
+        # Funds kept shrinking under us: many calls of one account starting at once.
+        log.info("event=call_refused call_id=%s reason=insufficient_funds account=%s "
+                 "detail=contention", call_id, account.id)
+        return _refused(call_id, 402, "insufficient_funds", "Payment Required", rate=rate,
+                        **refused)
 
     async def _record_unbillable(
         self,
@@ -421,53 +559,88 @@ class CreditControl:
     async def answered(self, call_id: str, at: datetime) -> bool:
         """The call was answered (2xx) at ``at``: its billing starts. Idempotent; returns
         False for an unknown or already answered call."""
+        return await self.answered_many([(call_id, at)]) > 0
+
+    async def answered_many(self, answers: Sequence[tuple[str, datetime]]) -> int:
+        """:meth:`answered` for many calls in one statement (the proxy batches the answers
+        of a busy moment); returns how many CDRs got their answer time."""
+        if not answers:
+            return 0
+        call_ids = [call_id for call_id, _ in answers]
+        times = [at for _, at in answers]
         async with self._pool.acquire() as conn:
             # One statement, so one round trip and atomic without a transaction block.
             status = await conn.execute(
                 """
-                WITH res AS (
-                    UPDATE reservations SET answered_at = $2, heartbeat_at = $2
-                    WHERE call_id = $1 AND answered_at IS NULL
+                WITH answer AS (
+                    SELECT * FROM unnest($1::text[], $2::timestamptz[]) AS a(call_id, at)
+                ), res AS (
+                    UPDATE reservations r SET answered_at = answer.at, heartbeat_at = answer.at
+                    FROM answer WHERE r.call_id = answer.call_id AND r.answered_at IS NULL
                 )
-                UPDATE cdrs SET answer_at = $2
-                WHERE call_id = $1 AND status = 'in_progress' AND answer_at IS NULL
+                UPDATE cdrs c SET answer_at = answer.at FROM answer
+                WHERE c.call_id = answer.call_id AND c.status = 'in_progress'
+                  AND c.answer_at IS NULL
                 """,
-                call_id, at,
+                call_ids, times,
             )
-        return status != "UPDATE 0"
+        return int(status.rsplit(" ", 1)[-1])
 
     async def settle(
-        self, call_id: str, end_at: datetime, disconnect_reason: str
+        self,
+        call_id: str,
+        end_at: datetime,
+        disconnect_reason: str,
+        *,
+        authorization: Authorization | None = None,
+        answered_at: datetime | None = None,
     ) -> Settlement:
         """End of an answered call: charge it, release its reservation, complete its CDR.
 
         Idempotent: a second call returns the first settlement with ``already_settled``.
         A call that was never answered is closed as ``cancelled`` at no cost.
+
+        The proxy passes the call's ``authorization`` and its ``answered_at``: the cost is
+        then worked out without reading the call back (one round trip fewer), and an answer
+        not yet written by :meth:`answered` (the proxy batches them) is written now. The
+        database still checks under the lock that no other answer time was recorded.
         """
-        settlement = await self._settle(call_id, end_at, disconnect_reason, recovered=False)
+        known = None
+        if authorization is not None and authorization.rate is not None:
+            known = _Known(answered_at, authorization.max_duration, authorization.reserved,
+                           authorization.rate, authorization.destination)
+        settlement = await self._settle(call_id, end_at, disconnect_reason, recovered=False,
+                                        known=known)
         if settlement is not None:
             return await self._after_charge(settlement)
-        free = await self._settle_free(call_id, end_at, disconnect_reason)
+        free = await self._settle_free(call_id, end_at, disconnect_reason, answered_at)
         if free is not None:
             return free
         return await self._settled_before(call_id)
 
     async def _settle_free(
-        self, call_id: str, end_at: datetime, disconnect_reason: str
+        self, call_id: str, end_at: datetime, disconnect_reason: str,
+        answered_at: datetime | None = None,
     ) -> Settlement | None:
-        """Close the CDR of a call opened with :meth:`open_free_call`, at no cost."""
+        """Close the CDR of a call opened with :meth:`open_free_call`, at no cost (with the
+        caller's ``answered_at`` if the answer was not written yet)."""
         async with self._pool.acquire() as conn:
             cdr = await conn.fetchrow(
                 """
+                WITH answered AS (
+                    SELECT id, COALESCE(answer_at, $4::timestamptz) AS at FROM cdrs
+                    WHERE call_id = $1 AND status = 'in_progress' AND account_id IS NULL
+                )
                 UPDATE cdrs SET
-                    status = CASE WHEN answer_at IS NULL THEN 'cancelled' ELSE 'answered' END,
+                    answer_at = answered.at,
+                    status = CASE WHEN answered.at IS NULL THEN 'cancelled' ELSE 'answered' END,
                     end_at = $2, disconnect_reason = $3, cost = 0, charged_duration = 0,
-                    billed_duration = CASE WHEN answer_at IS NULL THEN 0 ELSE
-                        greatest(0, ceil(extract(epoch FROM $2 - answer_at)))::integer END
-                WHERE call_id = $1 AND status = 'in_progress' AND account_id IS NULL
-                RETURNING *
+                    billed_duration = CASE WHEN answered.at IS NULL THEN 0 ELSE
+                        greatest(0, ceil(extract(epoch FROM $2 - answered.at)))::integer END
+                FROM answered WHERE cdrs.id = answered.id
+                RETURNING cdrs.*
                 """,
-                call_id, end_at, disconnect_reason,
+                call_id, end_at, disconnect_reason, answered_at,
             )
         if cdr is None:
             return None
@@ -475,72 +648,53 @@ class CreditControl:
                           Decimal(0), None, None, False)
 
     async def _settle(
-        self, call_id: str, end_at: datetime, disconnect_reason: str, *, recovered: bool
-    ) -> Settlement | None:
-        """Settle in one transaction; None if there is no reservation (settled already)."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            account = await _lock_account_of_call(conn, call_id)
-            if account is None:
-                return None
-            res = await conn.fetchrow(_LOCK_CALL, call_id)
-            if res is None:
-                return None  # another settle or recovery won the race
-            return await self._settle_locked(conn, account, res, end_at,
-                                             disconnect_reason, recovered)
-
-    async def _settle_locked(
         self,
-        conn: Connection,
-        account: Record,
-        res: Record,
-        end_at: datetime,
+        call_id: str,
+        end_at: datetime | Callable[[Record], datetime],
         disconnect_reason: str,
+        *,
         recovered: bool,
-    ) -> Settlement:
-        """``res`` is a row of :data:`_LOCK_CALL` (reservation and CDR, both locked)."""
-        call_id: str = res["call_id"]
-        answered_at: datetime | None = res["answered_at"]
-        if answered_at is None:
-            status = "failed" if recovered else "cancelled"
-            await conn.execute(
-                "WITH gone AS (DELETE FROM reservations WHERE id = $6) "
-                "UPDATE cdrs SET status = $2, end_at = $3, disconnect_reason = $4, "
-                "recovered = $5, billed_duration = 0, charged_duration = 0, cost = 0 "
-                "WHERE id = $1",
-                res["cdr_id"], status, end_at, disconnect_reason, recovered, res["id"],
-            )
-            return Settlement(call_id, account["id"], status, 0, 0, Decimal(0), None, None,
-                              recovered)
-        rate = rate_from_snapshot(res["cdr_rate"])
-        talked = max(0.0, (end_at - answered_at).total_seconds())
-        # Started seconds count (a 95.2 s call is 96 s), but never beyond what was reserved:
-        # the proxy's BYE at the limit arrives a little late, and that is not the caller's.
-        duration = min(math.ceil(talked), res["max_duration"])
-        charged = billed_duration(rate, duration)
-        amount = min(cost(rate, duration), res["amount"])
-        entry_id: int | None = None
-        balance_after: Decimal = account["balance"]
-        if amount > 0:
-            entry = await post_entry(conn, account, -amount, "charge",
-                                     f"call to {res['cdr_destination']}", call_id)
-            entry_id, balance_after = entry.id, entry.balance_after
-        await conn.execute(
-            """
-            WITH gone AS (DELETE FROM reservations WHERE id = $9)
-            UPDATE cdrs SET status = 'answered', end_at = $2, billed_duration = $3,
-                charged_duration = $4, cost = $5, journal_id = $6, disconnect_reason = $7,
-                recovered = $8
-            WHERE id = $1
-            """,
-            res["cdr_id"], end_at, duration, charged, amount, entry_id, disconnect_reason,
-            recovered, res["id"],
-        )
-        threshold: Decimal | None = account["low_balance_threshold"]
-        log.info("event=call_settled call_id=%s account=%s duration=%s cost=%s recovered=%s",
-                 call_id, account["id"], duration, amount, recovered)
-        return Settlement(call_id, account["id"], "answered", duration, charged, amount,
-                          balance_after, entry_id, recovered,
-                          below_threshold=threshold is not None and balance_after < threshold)
+        known: _Known | None = None,
+    ) -> Settlement | None:
+        """Settle in one round trip after reading the call (billing_settle, migration 0004),
+        or in one round trip with what the caller ``known``s of it; None if there is no
+        reservation (settled already). ``end_at`` may be worked out from the reservation
+        row (the recovery sweep's last known point)."""
+        async with self._pool.acquire() as conn:
+            for _ in range(_RESERVE_ATTEMPTS):
+                if known is None:
+                    res = await conn.fetchrow(_READ_CALL, call_id)
+                    if res is None:
+                        return None
+                    known = _Known(res["answered_at"], res["max_duration"], res["amount"],
+                                   rate_from_snapshot(res["cdr_rate"]), res["cdr_destination"])
+                    end = end_at(res) if callable(end_at) else end_at
+                else:
+                    assert not callable(end_at)
+                    end = end_at
+                status, duration, charged, amount = _plan(known, end, recovered)
+                out = await conn.fetchrow(
+                    "SELECT * FROM billing_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    call_id, known.answered_at, status, end, duration, charged, amount,
+                    disconnect_reason, recovered, f"call to {known.destination}",
+                )
+                known = None  # if anything moved, read the call back and try again
+                assert out is not None
+                if out["o_outcome"] == "gone":
+                    return None  # another settle or recovery won the race
+                if out["o_outcome"] == "changed":
+                    continue  # answered meanwhile: bill what is known now
+                log.info("event=call_settled call_id=%s account=%s status=%s duration=%s "
+                         "cost=%s recovered=%s", call_id, out["o_account_id"], status,
+                         duration, amount, recovered)
+                if out["o_account_id"] in self._available:
+                    self._available[out["o_account_id"]] = out["o_available"]
+                answered = status == "answered"
+                return Settlement(call_id, out["o_account_id"], status, duration, charged,
+                                  amount, out["o_balance_after"] if answered else None,
+                                  out["o_journal_id"], recovered,
+                                  below_threshold=bool(out["o_below_threshold"]))
+        raise RuntimeError(f"call {call_id!r}: its answer time kept changing while settling")
 
     async def _after_charge(self, settlement: Settlement) -> Settlement:
         """Low-balance handling once the charge is committed (never inside its transaction:
@@ -588,9 +742,11 @@ class CreditControl:
         async with self._pool.acquire() as conn, conn.transaction():
             res = await conn.fetchrow(
                 "DELETE FROM reservations WHERE call_id = $1 AND answered_at IS NULL "
-                "RETURNING id",
+                "RETURNING id, account_id",
                 call_id,
             )
+            if res is not None:
+                self._available.pop(res["account_id"], None)  # its funds grew back
             updated = await conn.execute(
                 "UPDATE cdrs SET status = $2, disconnect_reason = $3, "
                 "end_at = COALESCE($4, end_at, now()), cost = 0, billed_duration = 0, "
@@ -680,22 +836,7 @@ class CreditControl:
         return settled
 
     async def _recover_one(self, call_id: str) -> Settlement | None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            account = await _lock_account_of_call(conn, call_id)
-            if account is None:
-                return None
-            res = await conn.fetchrow(_LOCK_CALL, call_id)
-            if res is None:
-                return None  # settled meanwhile, by its node or another sweep
-            answered_at: datetime | None = res["answered_at"]
-            if answered_at is None:
-                end_at: datetime = res["heartbeat_at"] or res["created_at"]
-            else:
-                last_known: datetime = max(res["heartbeat_at"] or answered_at, answered_at)
-                end_at = min(last_known,
-                             answered_at + timedelta(seconds=res["max_duration"]))
-            return await self._settle_locked(conn, account, res, end_at, RECOVERED,
-                                             recovered=True)
+        return await self._settle(call_id, _last_known_point, RECOVERED, recovered=True)
 
     async def run_maintenance(
         self,

@@ -24,6 +24,7 @@ whose cost fits in the funds, which is what the credit control reserves for.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -145,7 +146,13 @@ class Rate:
         }
 
     def snapshot_json(self) -> str:
-        return json.dumps(self.snapshot(), sort_keys=True)
+        return _snapshot_json(self)
+
+
+@functools.lru_cache(maxsize=4096)
+def _snapshot_json(rate: Rate) -> str:
+    """Rates are immutable: each is serialised once, not at every call's authorisation."""
+    return json.dumps(rate.snapshot(), sort_keys=True)
 
 
 def billed_duration(rate: Rate, seconds: int) -> int:
@@ -161,9 +168,16 @@ def billed_duration(rate: Rate, seconds: int) -> int:
     return max(rate.min_duration, grid)
 
 
+@functools.lru_cache(maxsize=4096)
+def _exact(connect_fee: Decimal, price_per_minute: Decimal) -> tuple[Fraction, Fraction]:
+    """The rate's prices as fractions, the per-minute one per second (converting a Decimal
+    costs more than the rest of a cost; every call's authorisation computes a dozen)."""
+    return Fraction(connect_fee), Fraction(price_per_minute) / 60
+
+
 def _cost_of_billed(rate: Rate, billed: int) -> Decimal:
-    exact = Fraction(rate.connect_fee) + Fraction(rate.price_per_minute) * billed / 60
-    return round_fraction(exact, rate.cost_decimals, rate.rounding)
+    fee, per_second = _exact(rate.connect_fee, rate.price_per_minute)
+    return round_fraction(fee + per_second * billed, rate.cost_decimals, rate.rounding)
 
 
 def cost(rate: Rate, seconds: int) -> Decimal:

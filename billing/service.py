@@ -27,7 +27,8 @@ Where it plugs in::
 
 Call events (:mod:`sipcore.proxy`)
     One :class:`_Call` per authorised Call-ID holds the authorisation, the answer time, the
-    :class:`Dialog` and the credit timer. ``CallAnswered`` records the answer;
+    :class:`Dialog` and the credit timer. ``CallAnswered`` records the answer (written in
+    batches, a tenth of a second at most after it; the settlement carries it too);
     ``DialogConfirmed`` arms a timer at ``max_duration`` that ends the call with a BYE to
     both legs (:meth:`ProxyCore.end_dialog`, reason ``credit_exhausted``);
     ``DialogTerminated`` settles (caller_bye, callee_bye, killed, credit_exhausted);
@@ -114,6 +115,10 @@ _FAILURE_STATUS: Final[dict[str, FailureStatus]] = {
 }
 #: Back-off between attempts to write a call's outcome while the database is unreachable.
 _RETRY_DELAYS: Final = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+#: Answers are written in batches: the first of a quiet moment after this many seconds,
+#: together with every one that arrives meanwhile (one statement instead of one per call;
+#: a crash inside the window bills the call as a crash right after its answer would).
+_ANSWER_BATCH_DELAY: Final = 0.1
 
 
 @dataclass(eq=False)
@@ -125,7 +130,6 @@ class _Call:
     auth: Authorization | None  # None: a free call between subscribers (CDR only)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     answered_at: datetime | None = None
-    answer_recorded: bool = False  # the database has the answer time
     dialog: Dialog | None = None
     timer: asyncio.TimerHandle | None = None
     done: asyncio.Future[Settlement | None] = field(
@@ -169,6 +173,9 @@ class BillingService:
         self._maintenance: asyncio.Task[None] | None = None
         self._listen_conn: Connection | None = None
         self._closing = False
+        self._answers: dict[str, datetime] = {}  # answered, not yet written
+        self._answers_pending = asyncio.Event()
+        self._answer_writer: asyncio.Task[None] | None = None
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -195,9 +202,11 @@ class BillingService:
             log.warning("event=calls_recovered_at_start count=%d calls=%s", len(recovered),
                         ",".join(s.call_id for s in recovered))
         self.stats["recovered"] += len(recovered)
-        self._maintenance = asyncio.get_running_loop().create_task(
+        loop = asyncio.get_running_loop()
+        self._maintenance = loop.create_task(
             self.credit.run_maintenance(self.answered_call_ids, self.clock)
         )
+        self._answer_writer = loop.create_task(self._write_answers())
 
     async def _seed_rates(self, config_dir: Path | None) -> None:
         """Import ``rates_csv`` into the rate table if that table is empty (a restart, or an
@@ -242,10 +251,13 @@ class BillingService:
                 self.proxy.end_dialog(state.dialog, "shutdown")
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5.0)
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._maintenance
+        for task in (self._maintenance, self._answer_writer):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        with contextlib.suppress(*DATABASE_UNREACHABLE):
+            await self._flush_answers()  # calls still ringing into the next run
         for state in self.calls.values():
             if state.timer is not None:
                 state.timer.cancel()
@@ -412,15 +424,32 @@ class BillingService:
         state = self.calls.get(event.ctx.request.call_id)
         if state is None or state.ctx is not event.ctx or state.answered_at is not None:
             return
-        at = self.clock()
-        state.answered_at = at
+        state.answered_at = self.clock()
+        self._answers[state.call_id] = state.answered_at
+        self._answers_pending.set()
 
-        async def record() -> None:
-            if await self._with_retry(state.call_id,
-                                      lambda: self.credit.answered(state.call_id, at)):
-                state.answer_recorded = True
+    async def _write_answers(self) -> None:
+        """Write the answers of calls in batches until cancelled (see _ANSWER_BATCH_DELAY).
+        A settlement does not wait for this: it carries its call's answer time itself."""
+        while True:
+            await self._answers_pending.wait()
+            await asyncio.sleep(_ANSWER_BATCH_DELAY)
+            self._answers_pending.clear()
+            try:
+                await self._flush_answers()
+            except DATABASE_UNREACHABLE as exc:
+                log.warning("event=answers_write_failed calls=%d error=%r",
+                            len(self._answers), exc)
+                self._answers_pending.set()
+                await asyncio.sleep(1.0)
 
-        self._spawn(self._serially(state, record()))
+    async def _flush_answers(self) -> None:
+        batch, self._answers = self._answers, {}
+        try:
+            await self.credit.answered_many(list(batch.items()))
+        except BaseException:
+            self._answers = {**batch, **self._answers}  # keep them for the next attempt
+            raise
 
     def on_dialog_confirmed(self, event: DialogConfirmed) -> None:
         state = self.calls.get(event.dialog.call_id)
@@ -453,6 +482,7 @@ class BillingService:
         if state is None or state.dialog is not event.dialog:
             return
         self._forget(state)
+        self._answers.pop(state.call_id, None)  # the settlement writes it
         end = datetime.fromtimestamp(event.at, UTC)
         reason = event.reason
         self._spawn(self._serially(state, self._settle(state, end, reason)))
@@ -486,11 +516,8 @@ class BillingService:
         answered_at = state.answered_at
 
         async def settle() -> Settlement:
-            if answered_at is not None and not state.answer_recorded:
-                # An answer a database outage kept from being recorded (idempotent).
-                await self.credit.answered(state.call_id, answered_at)
-                state.answer_recorded = True
-            return await self.credit.settle(state.call_id, end, reason)
+            return await self.credit.settle(state.call_id, end, reason,
+                                            authorization=state.auth, answered_at=answered_at)
 
         result = await self._with_retry(state.call_id, settle)
         self.stats["settled"] += 1

@@ -53,6 +53,8 @@ def billing_server(dsn: str, workdir: Path, *, gateway_port: int, port: int = 0,
     rates = workdir / "rates.csv"
     rates.write_text(RATES_CSV)
     seeded = users if users is not None else ["1001", "1002", "1003", *CALLERS]
+    while not port or port == gateway_port:  # never the gateway's: it binds only later
+        port = free_port()
     extra: dict[str, Any] = {
         "auth": SIPP_AUTH,
         "seed": {"subscribers": [{"username": u, "password": password(u)} for u in seeded]},
@@ -97,10 +99,6 @@ class Uas:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def gateway_port() -> int:
-    return free_port()
 
 
 def run_db(dsn: str, work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
