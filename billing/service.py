@@ -218,10 +218,7 @@ class BillingService:
             )
         if present:
             return
-        path = Path(self.settings.rates_csv)
-        # Relative to the working directory like server.data_dir, else to the config file.
-        if not path.is_absolute() and not path.exists() and config_dir is not None:
-            path = config_dir / path
+        path = rates_csv_path(self.settings.rates_csv, config_dir)
         report = await import_rates(self.pool, path, rate_table=table,
                                     currency=self.settings.currency, zone=self.settings.zone)
         log.info("event=rates_seeded table=%s rates=%d file=%s", table, report.imported, path)
@@ -597,6 +594,16 @@ async def _none() -> None:
     return None
 
 
+def rates_csv_path(rates_csv: str, config_dir: Path | None) -> Path:
+    """``billing.rates_csv`` as a path: relative to the working directory like
+    ``server.data_dir``, else to the configuration file's directory (the demo names
+    ``rates.example.csv``, next to it, and works from any directory)."""
+    path = Path(rates_csv)
+    if not path.is_absolute() and not path.exists() and config_dir is not None:
+        return config_dir / path
+    return path
+
+
 def node_name(ctx: AppContext) -> str:
     """This server across restarts: host name and first SIP listen address (a restarted
     server is the same node; two servers on one host are not)."""
@@ -639,4 +646,4 @@ async def setup(ctx: AppContext) -> None:
     ctx.services["billing"] = service
 
 
-__all__ = ["BillingService", "node_name", "setup"]
+__all__ = ["BillingService", "node_name", "rates_csv_path", "setup"]
