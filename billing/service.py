@@ -172,7 +172,6 @@ class BillingService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintenance: asyncio.Task[None] | None = None
         self._listen_conn: Connection | None = None
-        self._closing = False
         self._answers: dict[str, datetime] = {}  # answered, not yet written
         self._answers_pending = asyncio.Event()
         self._answer_writer: asyncio.Task[None] | None = None
@@ -241,7 +240,6 @@ class BillingService:
 
     async def stop(self) -> None:
         """Shutdown hook: end and settle the calls this process polices, stop maintenance."""
-        self._closing = True
         for state in list(self.calls.values()):
             if state.billable and state.dialog is not None and self._dialog_alive(state.dialog):
                 # Nobody would cut this call after we are gone: end it now and bill it.
