@@ -71,6 +71,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
@@ -140,6 +141,11 @@ class _Call:
     def billable(self) -> bool:
         return self.auth is not None
 
+    @property
+    def reserved(self) -> Decimal:
+        """The reservation held for this call until it settles (0 for a free call)."""
+        return self.auth.reserved if self.auth is not None and not self.done.done() else Decimal(0)
+
 
 class BillingService:
     """The billing module of one server process (see the module docstring)."""
@@ -169,6 +175,8 @@ class BillingService:
                                     node_name=node_name)
         self.calls: dict[str, _Call] = {}
         self.stats: Counter[str] = Counter()
+        #: Money charged by settled calls, by currency (Prometheus revenue counter).
+        self.revenue: dict[str, Decimal] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintenance: asyncio.Task[None] | None = None
         self._listen_conn: Connection | None = None
@@ -516,6 +524,10 @@ class BillingService:
 
         result = await self._with_retry(state.call_id, settle)
         self.stats["settled"] += 1
+        auth = state.auth
+        if (result is not None and not result.already_settled and auth is not None
+                and auth.currency and result.cost):
+            self.revenue[auth.currency] = self.revenue.get(auth.currency, Decimal(0)) + result.cost
         if not state.done.done():
             state.done.set_result(result)
 

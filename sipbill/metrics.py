@@ -271,6 +271,32 @@ class SipbillCollector(Collector):
             yield GaugeMetricFamily("sipbill_billing_calls_tracked",
                                     "Calls billing is tracking (reserved or in progress).",
                                     value=len(calls))
+            count = GaugeMetricFamily("sipbill_billing_reservations",
+                                      "Open credit reservations, by currency.",
+                                      labels=["currency"])
+            amount = GaugeMetricFamily("sipbill_billing_reserved_amount",
+                                       "Money reserved by calls in progress, by currency.",
+                                       labels=["currency"])
+            held: dict[str, tuple[int, float]] = {}
+            for call in calls.values():
+                auth = getattr(call, "auth", None)
+                reserved = getattr(call, "reserved", 0)
+                if auth is not None and reserved:
+                    n, total = held.get(auth.currency or "", (0, 0.0))
+                    held[auth.currency or ""] = (n + 1, total + float(reserved))
+            for currency, (n, total) in sorted(held.items()):
+                count.add_metric([currency], n)
+                amount.add_metric([currency], total)
+            yield count
+            yield amount
+        revenue = getattr(billing, "revenue", None)
+        if isinstance(revenue, Mapping):
+            fam = CounterMetricFamily("sipbill_billing_revenue",
+                                      "Money charged by settled calls, by currency.",
+                                      labels=["currency"])
+            for currency, total in sorted(revenue.items()):
+                fam.add_metric([currency], float(total))
+            yield fam
 
 
 #: Modules whose ``stats`` counters are exported as ``sipbill_<module>_events_total{event}``.

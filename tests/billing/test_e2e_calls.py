@@ -74,6 +74,16 @@ def ctl(server: ServerProcess, method: str, **params: object) -> object:
         return client.call(method, **params)
 
 
+def metric_values(server: ServerProcess) -> dict[tuple[str, str], float]:
+    """(sample name, currency label) -> value from a real /metrics scrape."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {(sample.name, sample.labels.get("currency", "")): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
 def http_get(server: ServerProcess, query: str, accept: str = "") -> tuple[int, str]:
     url = f"http://127.0.0.1:{server.http_port}/balance.php?{query}"
     req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
@@ -237,6 +247,11 @@ def test_balance_header_and_http_page_before_during_and_after_a_call(
         mine = [c for c in active if c["call_id"] == call.call_id]
         assert mine and mine[0]["reserved"] == "6.05" and mine[0]["caller"] == (
             f"{caller}@localhost")
+        # Prometheus sees the reservation while the call runs.
+        during = metric_values(server)
+        assert during.get(("sipbill_billing_reserved_amount", "EUR"), 0) >= 6.05
+        assert during.get(("sipbill_billing_reservations", "EUR"), 0) >= 1
+        revenue_before = during.get(("sipbill_billing_revenue_total", "EUR"), 0.0)
 
         time.sleep(1.0)
         assert call.bye().status == 200
@@ -246,6 +261,8 @@ def test_balance_header_and_http_page_before_during_and_after_a_call(
     cost = cents_up(Fraction("0.05") + Fraction("0.10") * talked / 60)  # 1-3 s -> 0.06
     assert cdr["cost"] == cost
     shown = f"{Decimal('10.00') - cost:.2f}"
+    after = metric_values(server)
+    assert after.get(("sipbill_billing_revenue_total", "EUR"), 0.0) >= revenue_before + float(cost)
     with RawUA(server.port, caller, secret) as ua:
         assert ua.register().header("Balance-amount") == shown
     assert f"Balance: {shown}" in http_get(server, f"login={caller}&password={secret}")[1]
