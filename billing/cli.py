@@ -19,6 +19,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
+from billing.credit import CreditControl
 from billing.csvimport import RateImportError, import_rates
 from billing.ledger import KEEP, Account, Keep, Ledger, LedgerError
 from billing.money import MoneyError, format_amount, minor_units, parse_amount
@@ -372,6 +373,33 @@ async def _rates_list(args: argparse.Namespace, pool: Pool) -> int:
     return 0
 
 
+async def _rates_unbillable(args: argparse.Namespace, pool: Pool) -> int:
+    """List calls refused for lack of a rate (the ranges to add)."""
+    credit = CreditControl(pool, await Rating.load(pool), _billing_settings(args))
+    rows = await credit.unbillable_attempts(pending_only=not args.all, limit=args.limit)
+    if args.json:
+        _print_json(rows)
+        return 0
+    _print_table(["ATTEMPTED", "CALLER", "DESTINATION", "REASON", "RERATED AS"],
+                 [(r["attempted_at"], r["caller"], r["destination"] or r["callee"],
+                   r["reason"], r["prefix"] or "") for r in rows])
+    return 0
+
+
+async def _rates_rerate(args: argparse.Namespace, pool: Pool) -> int:
+    """Rate recorded unbillable attempts against the current rates (after adding ranges)."""
+    settings = _billing_settings(args)
+    credit = CreditControl(pool, await Rating.load(pool, zone=settings.zone), settings)
+    matched = await credit.rerate_unbillable(reload=False)
+    if args.json:
+        _print_json([{"call_id": c, "destination": d, "prefix": p} for c, d, p in matched])
+    else:
+        for call_id, destination, prefix in matched:
+            print(f"{call_id}  {destination} -> {prefix}")
+        print(f"{len(matched)} attempt(s) rated")
+    return 0
+
+
 # -- registration -------------------------------------------------------------------------
 
 
@@ -454,7 +482,8 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("amount", type=_amount)
     p.add_argument("--reference", help="voucher code: each is redeemed once")
 
-    rates = subparsers.add_parser("rates", help="rate tables: import from CSV, list")
+    rates = subparsers.add_parser(
+        "rates", help="rate tables: import from CSV, list, unbillable attempts, re-rate")
     rsub = rates.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = leaf(rsub, "import", _rates_import)
     p.add_argument("csv", help="CSV file (see config/rates.example.csv)")
@@ -465,3 +494,7 @@ def register_cli(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p = leaf(rsub, "list", _rates_list)
     p.add_argument("--table")
     p.add_argument("--prefix", help="only prefixes starting with this")
+    p = leaf(rsub, "unbillable", _rates_unbillable)
+    p.add_argument("--all", action="store_true", help="also attempts already re-rated")
+    p.add_argument("--limit", type=int, default=100)
+    leaf(rsub, "rerate", _rates_rerate)

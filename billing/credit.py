@@ -898,6 +898,23 @@ class CreditControl:
             log.info("event=unbillable_rerated count=%s", len(matched))
         return matched
 
+    async def unbillable_attempts(self, *, pending_only: bool = True,
+                                  limit: int = 100) -> list[dict[str, Any]]:
+        """Recorded attempts to numbers without a rate, newest first: what the operator
+        needs to add ranges for (``pending_only``: not matched by a re-rating yet)."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT call_id, caller_username || '@' || caller_domain AS caller, callee,
+                       destination, reason, attempted_at, rerated_at, prefix
+                FROM unbillable_attempts
+                WHERE NOT $1 OR rerated_at IS NULL
+                ORDER BY attempted_at DESC, id DESC LIMIT $2
+                """,
+                pending_only, limit,
+            )
+        return [dict(r) for r in rows]
+
     # -- queries for the proxy, the control socket and presence ---------------------------
 
     async def active_calls(self, account_id: int | None = None) -> list[dict[str, Any]]:

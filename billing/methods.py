@@ -145,6 +145,23 @@ def register_methods(registry: MethodRegistry, service: BillingService,
                       params_doc={"call_id": "the Call-ID"})
     registry.register("rates.reload", rates_reload,
                       help="Reload every rate table from the database.")
+
+    async def rates_unbillable(all: bool = False, limit: int = 100) -> list[dict[str, Any]]:
+        if not 1 <= limit <= 1000:
+            raise ControlError(400, "limit must be 1-1000")
+        return await credit.unbillable_attempts(pending_only=not all, limit=limit)
+
+    async def rates_rerate() -> list[dict[str, str]]:
+        matched = await credit.rerate_unbillable()
+        return [{"call_id": c, "destination": d, "prefix": p} for c, d, p in matched]
+
+    registry.register("rates.unbillable", rates_unbillable,
+                      help="Calls refused for lack of a rate, newest first (ranges to add).",
+                      params_doc={"all": "include attempts already re-rated",
+                                  "limit": "at most this many (1-1000)"})
+    registry.register("rates.rerate", rates_rerate,
+                      help="Reload the rates and rate the recorded unbillable attempts that "
+                           "now match a range (nothing is charged: the calls were refused).")
     registry.register("missed.list", missed_list,
                       help="Missed calls of a subscriber, newest first.",
                       params_doc={"user": _USER_DOC, "offset": "skip this many",

@@ -119,3 +119,42 @@ def test_the_composition_root_finds_the_commands() -> None:
     assert callable(args.db_handler) and args.json
     args = build_parser().parse_args(["rates", "import", "x.csv", "--append"])
     assert args.append and callable(args.db_handler)
+
+
+async def test_unbillable_attempts_are_listed_and_rerated(
+    db_pool: asyncpg.Pool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Seed 001: a call to a new number range is refused and recorded; the operator sees it,
+    adds the range, and re-rates the recorded attempts."""
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    from billing.credit import CreditControl
+    from billing.ledger import Ledger
+    from billing.rating import Rating
+    from billing.settings import BillingSettings
+
+    ledger = Ledger(db_pool)
+    account = await ledger.create_account("unbillable-cli", "EUR",
+                                          initial_balance=Decimal("5.00"))
+    await ledger.attach_subscriber(account.id, "u-unb", "example.com")
+    credit = CreditControl(db_pool, await Rating.load(db_pool), BillingSettings(),
+                           node_name="cli-test")
+    refused = await credit.authorize("unb-1", ("u-unb", "example.com"), "+88212345678",
+                                     datetime(2026, 11, 21, 12, 0, tzinfo=UTC))
+    assert refused.reason == "unbillable"
+
+    assert await run(db_pool, "rates", "unbillable", "--json") == 0
+    pending = json.loads(capsys.readouterr().out)
+    assert [(r["call_id"], r["destination"]) for r in pending] == [("unb-1", "88212345678")]
+
+    async with db_pool.acquire() as conn:
+        await conn.execute("INSERT INTO rates (prefix, description, currency, price_per_minute) "
+                           "VALUES ('882', 'International networks', 'EUR', 1.20)")
+    assert await run(db_pool, "rates", "rerate") == 0
+    out = capsys.readouterr().out
+    assert "unb-1  88212345678 -> 882" in out and "1 attempt(s) rated" in out
+    assert await run(db_pool, "rates", "unbillable", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert await run(db_pool, "rates", "unbillable", "--all") == 0
+    assert "882" in capsys.readouterr().out

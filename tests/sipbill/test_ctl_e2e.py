@@ -82,3 +82,23 @@ def test_ul_dump_shows_a_pjsua2_binding(server: ServerProcess, agents: UserAgent
     finally:
         phone.unregister()
         phone.close()
+
+
+def test_module_methods_are_registered_and_answer(server: ServerProcess) -> None:
+    """Each module registers its own methods on the same socket."""
+    with ControlClient(str(server.control_socket)) as client:
+        names = set(client.call("system.list_methods"))
+        for m in ("account.balance", "account.topup", "account.lock", "account.unlock",
+                  "account.statement", "calls.active", "calls.kill", "rates.reload",
+                  "rates.unbillable", "rates.rerate", "missed.list", "missed.seen",
+                  "presence.status", "presence.hide", "msilo.list", "msilo.count",
+                  "click2dial.call", "click2dial.status", "click2dial.list"):
+            assert m in names, m
+        assert client.call("rates.unbillable") == []
+        assert client.call("rates.rerate") == []
+        assert client.call("calls.active") == []
+        assert client.call("presence.status", "1001")["status"] == "offline"
+        assert client.call("msilo.count", "1001") == 0
+        with pytest.raises(ControlError) as err:
+            client.call("calls.kill", "no-such-call")
+        assert err.value.code == 404
