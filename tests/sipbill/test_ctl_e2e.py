@@ -102,3 +102,52 @@ def test_module_methods_are_registered_and_answer(server: ServerProcess) -> None
         with pytest.raises(ControlError) as err:
             client.call("calls.kill", "no-such-call")
         assert err.value.code == 404
+
+
+def test_bad_frames_get_errors_while_sip_is_served(server: ServerProcess) -> None:
+    import socket
+    import struct
+
+    import msgpack
+
+    def frame(payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + payload
+
+    def read_frame(sock: socket.socket) -> object:
+        head = b""
+        while len(head) < 4:
+            chunk = sock.recv(4 - len(head))
+            assert chunk, "connection closed before a reply"
+            head += chunk
+        (n,) = struct.unpack(">I", head)
+        body = b""
+        while len(body) < n:
+            body += sock.recv(n - len(body))
+        return msgpack.unpackb(body)
+
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(str(server.control_socket))
+    s.sendall(frame(b"\xc1 not msgpack"))
+    reply = read_frame(s)
+    assert isinstance(reply, dict) and reply["error"]["code"] == -32700
+    s.sendall(frame(msgpack.packb([1, 2, 3])))  # not a map: not a request at all
+    reply = read_frame(s)
+    assert isinstance(reply, dict) and reply["error"]["code"] == -32700
+    s.sendall(frame(msgpack.packb({"id": 6, "params": {}})))  # a map without a method
+    reply = read_frame(s)
+    assert isinstance(reply, dict) and reply["error"]["code"] == -32600
+    s.sendall(frame(msgpack.packb({"id": 7, "method": "no.such", "params": {}})))
+    reply = read_frame(s)
+    assert isinstance(reply, dict) and reply["id"] == 7 and reply["error"]["code"] == -32601
+    s.sendall(struct.pack(">I", 512 * 1024 * 1024))  # an oversize frame: error, then closed
+    reply = read_frame(s)
+    assert isinstance(reply, dict) and reply["error"]["code"] == -32001
+    assert s.recv(1) == b""
+    s.close()
+
+    # The SIP side never noticed.
+    res = run_sipp("options.xml", server.port, local_port=free_port(), calls=3, timeout=15)
+    assert res.returncode == 0, res.output
+    with ControlClient(str(server.control_socket)) as client:
+        assert client.call("system.ping") == "pong"
