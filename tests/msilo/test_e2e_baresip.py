@@ -18,7 +18,11 @@ from sipbill.ctlclient import ControlClient
 from tests.baresip import BARESIP, Baresip
 from tests.support import SCENARIOS, ServerProcess, run_sipp
 
-pytestmark = pytest.mark.skipif(BARESIP is None, reason="baresip not installed")
+
+def test_baresip_is_installed() -> None:
+    """baresip is a real UA these tests need (.ci/run installs baresip-core): its absence is
+    a failure, not a skip."""
+    assert BARESIP is not None, "baresip not installed (Debian package baresip-core)"
 
 
 @pytest.fixture(scope="module")
