@@ -3,7 +3,10 @@
 #   docker run -d --name sipbill -p 5060:5060/udp -p 5060:5060/tcp -p 8080:8080 \
 #       -v sipbill-data:/var/lib/sipbill \
 #       -v /etc/sipbill/sipbill.toml:/etc/sipbill/sipbill.toml:ro \
+#       -e SIPBILL_ADVERTISED_HOST=192.0.2.10 \
 #       -e SIPBILL_DATABASE_URL=postgresql://sipbill:secret@db/sipbill sipbill
+# SIPBILL_ADVERTISED_HOST (the address phones reach the server at, written into Via and
+# Record-Route) is required: the image listens on 0.0.0.0.
 # The install step is the one `make install` runs (pip install of this project), without the
 # dev extras, so the image runs what CI tests.
 FROM python:3.11-slim

@@ -2,7 +2,8 @@
 
 Every key is documented in ``config/sipbill.example.toml``; a test keeps the two in step.
 Secrets (the database URL, the nonce secret) may come from the environment instead of the file:
-``SIPBILL_DATABASE_URL`` and ``SIPBILL_AUTH_SECRET`` win over the file.
+``SIPBILL_DATABASE_URL`` and ``SIPBILL_AUTH_SECRET`` win over the file, and so does
+``SIPBILL_ADVERTISED_HOST`` (a container learns its address at run time).
 """
 
 from __future__ import annotations
@@ -77,6 +78,11 @@ class ServerSettings:
             problems.append(("workers", f"must be 1-64, got {self.workers}"))
         if not self.listen:
             problems.append(("listen", "must have at least one listener"))
+        wildcard = [lst for lst in self.listen if lst.host in ("0.0.0.0", "::")]
+        if wildcard and not self.advertised_host:
+            problems.append(("advertised_host", "required when listening on a wildcard address "
+                             "(0.0.0.0/::): the address written into Via and Record-Route, "
+                             "e.g. the server's public IP (or set SIPBILL_ADVERTISED_HOST)"))
         for alias, domain in self.aliases.items():
             if domain not in self.domains:
                 problems.append((f"aliases.{alias}", f"{domain!r} is not one of server.domains"))
@@ -279,6 +285,11 @@ def parse_settings(data: dict[str, Any], source: str = "") -> Settings:
             raise ConfigError(key, f"unknown section (known: {known})")
     for name, cls in MODULE_SECTIONS.items():
         modules.setdefault(name, load_section(cls, {}, name))
+    env_host = os.environ.get("SIPBILL_ADVERTISED_HOST")
+    if env_host:
+        server = dict(core.get("server", {}))
+        server["advertised_host"] = env_host
+        core["server"] = server
     env_db = os.environ.get("SIPBILL_DATABASE_URL")
     if env_db:
         db = dict(core.get("database", {}))

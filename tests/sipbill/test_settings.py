@@ -91,3 +91,20 @@ def test_settings_are_frozen() -> None:
     s = parse_settings({})
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.server.workers = 2  # type: ignore[misc]
+
+
+def test_wildcard_listen_needs_an_advertised_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = {"server": {"listen": [{"transport": "udp", "host": "0.0.0.0", "port": 5060}]}}
+    with pytest.raises(ConfigError) as info:
+        parse_settings(doc)
+    assert info.value.key == "server.advertised_host"
+    monkeypatch.setenv("SIPBILL_ADVERTISED_HOST", "192.0.2.10")
+    assert parse_settings(doc).server.advertised_host == "192.0.2.10"
+
+
+def test_docker_config_loads_with_the_container_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    register_module_settings()
+    monkeypatch.setenv("SIPBILL_ADVERTISED_HOST", "192.0.2.10")
+    s = load_settings(CONFIG / "docker.toml")
+    assert s.server.data_dir == "/var/lib/sipbill" and s.http.listen == "0.0.0.0:8080"
