@@ -326,9 +326,15 @@ async def _settle(location: LocationService) -> None:
 # ------------------------------------------------------------------------------------ nodes
 
 
-async def test_other_node_learns_changes_by_notify(db_pool: asyncpg.Pool, clean: None) -> None:
-    node_a = LocationService(db_pool, EventBus())
-    node_b = LocationService(db_pool, EventBus())
+async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> None:
+    # Two nodes are two processes with their own pools. (Sharing one pool would make a node
+    # take the other's NOTIFY for its own: it recognises its own writes by the server PID of
+    # the connection it wrote with.)
+    pool_a = await asyncpg.create_pool(db_dsn, min_size=1, max_size=3)
+    pool_b = await asyncpg.create_pool(db_dsn, min_size=1, max_size=3)
+    assert pool_a is not None and pool_b is not None
+    node_a = LocationService(pool_a, EventBus())
+    node_b = LocationService(pool_b, EventBus())
     await node_a.load()
     await node_b.load()
     await node_a.listen()
@@ -345,6 +351,8 @@ async def test_other_node_learns_changes_by_notify(db_pool: asyncpg.Pool, clean:
     finally:
         await node_a.close()
         await node_b.close()
+        await pool_a.close()
+        await pool_b.close()
 
 
 async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
