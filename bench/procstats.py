@@ -127,6 +127,16 @@ def parent_of(pid: int) -> int | None:
     return int(f[1]) if f is not None else None
 
 
+def udp_receive_drops() -> int:
+    """UDP datagrams dropped so far because a socket's receive buffer was full (all sockets:
+    the server's and SIPp's alike), from /proc/net/snmp."""
+    lines = [ln.split() for ln in Path("/proc/net/snmp").read_text().splitlines()
+             if ln.startswith("Udp:")]
+    if len(lines) < 2 or "RcvbufErrors" not in lines[0]:
+        return 0
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
 class MachineCpu:
     """Busy fraction of the whole machine between two calls of :meth:`sample` (/proc/stat)."""
 

@@ -487,6 +487,7 @@ class StepResult:
     machine_busy: float
     sipp_seconds: float
     load_average: float  # 1-minute load average after the step: others' work shows here
+    udp_drops: int  # datagrams the kernel dropped for a full receive buffer, any socket
     # Response times in ms keyed by "METHOD status" (wire capture) or "rtd" (SIPp's clock).
     latency_ms: dict[str, list[float]] = field(default_factory=dict, repr=False)
     latency_source: str = ""
@@ -532,7 +533,8 @@ class StepResult:
 
     def summary(self) -> str:
         return (f"{self.scenario} {self.rate}/s: ok {self.ok}/{self.calls} failed {self.failed} "
-                f"retrans {self.retransmissions}, {self.achieved_rate:.0f}/s created, server "
+                f"retrans {self.retransmissions}, udp drops {self.udp_drops}, "
+                f"{self.achieved_rate:.0f}/s created, server "
                 f"{self.server_cpu:.2f} cpu-s (peak proc {self.peak_process_util:.0%}), db "
                 f"{self.db_cpu:.2f} cpu-s, machine {self.machine_busy:.0%} "
                 f"(load {self.load_average:.1f}), "
@@ -681,6 +683,7 @@ class Bench:
         if waited > 2.0:
             log(f"waited {waited:.0f} s for the server to finish earlier work")
         uas_failed0 = spec.uas.failed() if spec.uas else 0
+        drops0 = procstats.udp_receive_drops()
         self.machine.sample()
         before = sample_cpu(self.srv)
         t0 = time.monotonic()
@@ -712,6 +715,7 @@ class Bench:
             server_cpu=sum(server.values()), db_cpu=sum(db.values()),
             peak_process_util=max(server.values(), default=0.0) / wall if wall > 0 else 0.0,
             machine_busy=busy, sipp_seconds=sipp_seconds, load_average=os.getloadavg()[0],
+            udp_drops=procstats.udp_receive_drops() - drops0,
             max_retrans_share=self.args.max_retrans)
         if isinstance(cap, Capture):
             res.latency_source = "wire"
@@ -733,19 +737,33 @@ class Bench:
         bad: StepResult | None = None
         stop_reason = f"reached --max-rate {a.max_rate}"
         rate = a.start_rate
-        while rate <= a.max_rate:
+        res = self.step(spec, rate)
+        steps.append(res)
+        # A server that cannot take the start rate: halve until a step passes, so that it
+        # still gets figures, and refine between that and the lowest rate that failed.
+        while not res.passed and rate // 2 >= 25:
+            bad, rate = res, rate // 2
+            time.sleep(1.0)
             res = self.step(spec, rate)
             steps.append(res)
-            if not res.passed:
-                bad = res
-                break
-            good = res
-            if res.peak_process_util >= a.saturation:
-                stop_reason = (f"a server process at {res.peak_process_util:.0%} of a core "
-                               f"at {res.rate}/s")
+        if not res.passed:
+            return ScenarioResult(spec.name, None, None, steps, f"{res.verdict} at {rate}/s")
+        good = res
+        while bad is None:
+            if good.peak_process_util >= a.saturation:
+                stop_reason = (f"a server process at {good.peak_process_util:.0%} of a core "
+                               f"at {good.rate}/s")
                 break
             rate = int(rate * a.growth)
+            if rate > a.max_rate:
+                break
             time.sleep(1.0)
+            res = self.step(spec, rate)
+            steps.append(res)
+            if res.passed:
+                good = res
+            else:
+                bad = res
         for _ in range(a.refine if good is not None and bad is not None else 0):
             assert good is not None and bad is not None
             mid = int(round((good.rate + bad.rate) / 2 / 25.0) * 25)
