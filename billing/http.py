@@ -13,7 +13,8 @@ with ``max_failures`` failures within ``failure_window`` seconds gets 429 Too Ma
 (RFC 6585 §4) until the window has passed (:class:`sipcore.ratelimit.FailureCounter`).
 
 The balance is the one the ``Balance-amount`` header shows: less the reservations of calls in
-progress (:meth:`billing.ledger.Ledger.display_balance`).
+progress (:meth:`billing.ledger.Ledger.display_balance`, cached by
+:class:`billing.balances.BalanceCache`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from billing.settings import BillingSettings
 from sipcore.ratelimit import FailureCounter
 
 if TYPE_CHECKING:
-    from billing.ledger import Ledger
+    from billing.balances import BalanceCache
     from sipcore.subscribers import SubscriberStore
 
 log = logging.getLogger("billing.http")
@@ -55,7 +56,7 @@ class BalancePage:
     def __init__(
         self,
         settings: BillingSettings,
-        ledger: Ledger,
+        balances: BalanceCache,
         subscribers: SubscriberStore,
         default_domain: str,
         *,
@@ -63,7 +64,7 @@ class BalancePage:
     ) -> None:
         self.settings = settings
         self.cfg = settings.balance_http
-        self.ledger = ledger
+        self.balances = balances
         self.subscribers = subscribers
         self.default_domain = default_domain
         self.monotonic = monotonic
@@ -84,7 +85,7 @@ class BalancePage:
             subscriber = (await self.subscribers.get(username, domain)) if username else None
             ok = password_matches(password, subscriber.password_md5 if subscriber
                                   else _NO_SUCH_USER) and subscriber is not None
-            shown = await self.ledger.display_balance(username, domain) if ok else None
+            shown = await self.balances.display_balance(username, domain) if ok else None
         except DATABASE_UNREACHABLE as exc:
             log.warning("event=balance_page_failed error=%r", exc)
             return web.Response(status=503, text="Service Unavailable\n")

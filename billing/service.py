@@ -77,6 +77,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import asyncpg
 
+from billing.balances import BalanceCache
 from billing.credit import (
     CREDIT_EXHAUSTED,
     DATABASE_UNREACHABLE,
@@ -170,6 +171,8 @@ class BillingService:
         self.clock = clock
         self.db_timeout = db_timeout
         self.ledger = Ledger(pool, payment_provider=VoucherProvider(pool))
+        #: Shown balances (Balance-amount, balance.php), cached and kept current by NOTIFY.
+        self.balances = BalanceCache(self.ledger)
         self.rating = Rating(zone=settings.zone)
         self.credit = CreditControl(pool, self.rating, settings, ledger=self.ledger,
                                     node_name=node_name)
@@ -180,6 +183,7 @@ class BillingService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintenance: asyncio.Task[None] | None = None
         self._listen_conn: Connection | None = None
+        self._stopping = False
         self._answers: dict[str, datetime] = {}  # answered, not yet written
         self._answers_pending = asyncio.Event()
         self._answer_writer: asyncio.Task[None] | None = None
@@ -201,7 +205,7 @@ class BillingService:
             await self._seed_rates(config_dir)
         loaded = await self.rating.reload(self.pool)
         log.info("event=rates_loaded rates=%d tables=%s", loaded, ",".join(self.rating.tables))
-        await self._listen_for_rate_changes()
+        await self._listen_for_changes()
         now = self.clock()
         await self.credit.start(now)
         recovered = await self.credit.recover(now)
@@ -230,11 +234,40 @@ class BillingService:
                                     currency=self.settings.currency, zone=self.settings.zone)
         log.info("event=rates_seeded table=%s rates=%d file=%s", table, report.imported, path)
 
-    async def _listen_for_rate_changes(self) -> None:
-        """Reload the rates when any node or ``sipbill rates import`` changes a table."""
+    async def _listen_for_changes(self) -> None:
+        """One connection LISTENs for rate changes (reload the rates) and account changes
+        (:class:`BalanceCache`); if it is lost, a new one listens and the rates are
+        reloaded, since notifications sent meanwhile are lost."""
         conn = await self.pool.acquire()
+        try:
+            await conn.add_listener(RATES_CHANGED_CHANNEL, self._rates_changed)
+            await self.balances.attach(conn)
+            conn.add_termination_listener(self._listen_lost)
+        except BaseException:
+            self.balances.connection_lost()
+            await self.pool.release(conn)
+            raise
         self._listen_conn = conn
-        await conn.add_listener(RATES_CHANGED_CHANNEL, self._rates_changed)
+
+    def _listen_lost(self, _conn: object) -> None:
+        self.balances.connection_lost()
+        self._listen_conn = None
+        if not self._stopping:
+            log.warning("event=billing_listen_lost")
+            self._spawn(self._relisten())
+
+    async def _relisten(self) -> None:
+        delay = 0.5
+        while not self._stopping:
+            try:
+                await self._listen_for_changes()
+                await self.rating.reload(self.pool)
+                log.info("event=billing_listen_restored")
+                return
+            except Exception as exc:
+                log.warning("event=billing_relisten_failed error=%r retry_in=%.1f", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def _rates_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         log.info("event=rates_changed table=%s", payload)
@@ -248,6 +281,7 @@ class BillingService:
 
     async def stop(self) -> None:
         """Shutdown hook: end and settle the calls this process polices, stop maintenance."""
+        self._stopping = True
         for state in list(self.calls.values()):
             if state.billable and state.dialog is not None and self._dialog_alive(state.dialog):
                 # Nobody would cut this call after we are gone: end it now and bill it.
@@ -264,9 +298,12 @@ class BillingService:
         for state in self.calls.values():
             if state.timer is not None:
                 state.timer.cancel()
+        self.balances.connection_lost()
         if self._listen_conn is not None:
             conn, self._listen_conn = self._listen_conn, None
             with contextlib.suppress(*DATABASE_UNREACHABLE, asyncpg.PostgresError):
+                conn.remove_termination_listener(self._listen_lost)
+                await self.balances.detach(conn)
                 await conn.remove_listener(RATES_CHANGED_CHANNEL, self._rates_changed)
             with contextlib.suppress(*DATABASE_UNREACHABLE, asyncpg.PostgresError):
                 await self.pool.release(conn)
@@ -283,7 +320,7 @@ class BillingService:
             return False
         try:
             async with asyncio.timeout(self.db_timeout):
-                shown = await self.ledger.display_balance(ctx.user, ctx.user_domain)
+                shown = await self.balances.display_balance(ctx.user, ctx.user_domain)
         except DATABASE_UNREACHABLE as exc:
             # The registration matters more than the figure: register without it.
             log.warning("event=balance_header_failed user=%s error=%r", ctx.user, exc)
@@ -357,7 +394,7 @@ class BillingService:
                 diversion, opened, shown = await asyncio.gather(
                     self.credit.diversion_for(callee_user, callee_domain),
                     self.credit.open_free_call(req.call_id, caller, aor, self.clock()),
-                    self.ledger.display_balance(caller[0], caller[1]) if show_balance
+                    self.balances.display_balance(caller[0], caller[1]) if show_balance
                     else _none(),
                 )
         except DATABASE_UNREACHABLE as exc:
@@ -616,10 +653,13 @@ def rates_csv_path(rates_csv: str, config_dir: Path | None) -> Path:
 
 def node_name(ctx: AppContext) -> str:
     """This server across restarts: host name and first SIP listen address (a restarted
-    server is the same node; two servers on one host are not)."""
+    server is the same node; two servers on one host are not), and the worker number of a
+    server with several worker processes (each settles its own calls, and a restarted worker
+    recovers only those of its earlier incarnation)."""
     listen = ctx.identity.listen
     where = f"{listen[0][1]}:{listen[0][2]}" if listen else "-"
-    return f"{socket.gethostname()}/{where}"
+    worker = ctx.services.get("worker_index", 0)
+    return f"{socket.gethostname()}/{where}" + (f"/w{worker}" if worker else "")
 
 
 async def setup(ctx: AppContext) -> None:
@@ -649,7 +689,7 @@ async def setup(ctx: AppContext) -> None:
     ctx.events.subscribe(DialogTerminated, service.on_dialog_terminated)
     ctx.events.subscribe(CallFailed, service.on_call_failed)
     if settings.balance_http.enabled:
-        page = BalancePage(settings, service.ledger, ctx.subscribers, default_domain)
+        page = BalancePage(settings, service.balances, ctx.subscribers, default_domain)
         ctx.http.router.add_get(settings.balance_http.path, page.handle)
     register_methods(ctx.methods, service, default_domain)
     ctx.shutdown_hooks.append(service.stop)

@@ -156,3 +156,13 @@ def test_database_outage(server: ServerProcess, relay: DbRelay, db_dsn: str,
     assert not cdr["recovered"]
     wait_until(lambda: account(db_dsn, caller)["reserved"] == 0, 10, "the reservation to go")
     assert account(db_dsn, caller)["balance"] == Decimal("0.00")
+
+    # The connection listening for account changes died with the relay: a new one listens,
+    # and the balance a phone is shown follows a change made after the outage.
+    wait_until(lambda: "event=billing_listen_restored" in server.logs(), 20,
+               "billing to listen again")
+    with RawUA(server.port, other, password(other)) as ua2:
+        assert ua2.register().header("Balance-amount") == "10.00"
+        set_balance(db_dsn, other, "7.00")
+        wait_until(lambda: ua2.register().header("Balance-amount") == "7.00", 5,
+                   "the new balance on the REGISTER 200 OK")

@@ -1,0 +1,156 @@
+"""The shown-balance cache against a real PostgreSQL: hits, invalidation by NOTIFY from every
+kind of change (postings, reservations, moving a subscriber), a lost LISTEN connection, and a
+change racing a miss."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import asyncpg
+import pytest
+
+from billing.balances import BalanceCache
+from billing.ledger import DisplayBalance, Ledger
+
+
+async def _eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def listening(balances: BalanceCache, db_pool: asyncpg.Pool) -> AsyncIterator[None]:
+    """What the billing service does: one connection LISTENs; when it dies, the cache is told."""
+    async with db_pool.acquire() as conn:
+        conn.add_termination_listener(lambda _conn: balances.connection_lost())
+        await balances.attach(conn)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
+                await balances.detach(conn)
+
+
+@pytest.fixture
+async def cache(db_pool: asyncpg.Pool) -> AsyncIterator[BalanceCache]:
+    balances = BalanceCache(Ledger(db_pool))
+    async with listening(balances, db_pool):
+        yield balances
+
+
+async def _account(ledger: Ledger, name: str, user: str, amount: str) -> int:
+    account = await ledger.create_account(name, "EUR", initial_balance=Decimal(amount))
+    await ledger.attach_subscriber(account.id, user, "cache.example")
+    return account.id
+
+
+async def test_a_second_read_is_a_hit_and_a_posting_is_seen(
+    db_pool: asyncpg.Pool, cache: BalanceCache
+) -> None:
+    ledger = Ledger(db_pool)
+    account_id = await _account(ledger, "cache-posting", "2101", "10.00")
+    first = await cache.display_balance("2101", "cache.example")
+    assert first == DisplayBalance(account_id, "EUR", Decimal("10.00"))
+    assert await cache.display_balance("2101", "cache.example") == first
+    assert cache.stats["hits"] == 1 and cache.stats["misses"] == 1 and len(cache) == 1
+
+    seen = cache.stats["invalidations"]
+    await ledger.topup(account_id, Decimal("2.50"))
+    await _eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
+    shown = await cache.display_balance("2101", "cache.example")
+    assert shown is not None and shown.amount == Decimal("12.50")
+
+    # Without an account: not cached (nothing would forget it), asked again each time.
+    assert await cache.display_balance("nobody", "cache.example") is None
+    assert await cache.display_balance("nobody", "cache.example") is None
+    assert len(cache) == 1
+
+
+async def test_reservations_and_moving_a_subscriber_invalidate(
+    db_pool: asyncpg.Pool, cache: BalanceCache
+) -> None:
+    ledger = Ledger(db_pool)
+    account_id = await _account(ledger, "cache-reserve", "2102", "10.00")
+    other = await ledger.create_account("cache-other", "EUR", initial_balance=Decimal("1.00"))
+    assert (await cache.display_balance("2102", "cache.example")) is not None
+
+    async def changed(statement: str, *args: object) -> DisplayBalance | None:
+        seen = cache.stats["invalidations"]
+        async with db_pool.acquire() as conn:
+            await conn.execute(statement, *args)
+        await _eventually(lambda: cache.stats["invalidations"] > seen, statement)
+        return await cache.display_balance("2102", "cache.example")
+
+    shown = await changed(
+        "INSERT INTO reservations (call_id, account_id, amount, max_duration, created_at, node)"
+        " VALUES ('cache-call', $1, 3.25, 60, $2, 'test')", account_id, datetime.now(UTC))
+    assert shown is not None and shown.amount == Decimal("6.75")
+    shown = await changed("UPDATE reservations SET amount = 1 WHERE call_id = 'cache-call'")
+    assert shown is not None and shown.amount == Decimal("9.00")
+    shown = await changed("DELETE FROM reservations WHERE call_id = 'cache-call'")
+    assert shown is not None and shown.amount == Decimal("10.00")
+    shown = await changed(
+        "UPDATE account_subscribers SET account_id = $1 WHERE username = '2102'", other.id)
+    assert shown == DisplayBalance(other.id, "EUR", Decimal("1.00"))
+    # An update that changes neither balance nor currency is not a change of the figure.
+    seen = cache.stats["invalidations"]
+    async with db_pool.acquire() as conn:
+        await conn.execute("UPDATE accounts SET name = 'cache-other-2' WHERE id = $1", other.id)
+    await asyncio.sleep(0.2)
+    assert cache.stats["invalidations"] == seen and len(cache) == 1
+
+
+async def test_a_lost_listen_connection_empties_the_cache_and_stores_nothing(
+    db_pool: asyncpg.Pool
+) -> None:
+    ledger = Ledger(db_pool)
+    balances = BalanceCache(ledger)
+    account_id = await _account(ledger, "cache-lost", "2103", "4.00")
+    async with listening(balances, db_pool):
+        assert await balances.display_balance("2103", "cache.example") is not None
+        assert len(balances) == 1
+        async with db_pool.acquire() as conn:
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+        await _eventually(lambda: not balances.listening, "the lost connection")
+    assert len(balances) == 0 and balances.stats["listen_lost"] == 1
+    # Nobody listens: a change is still seen, since nothing is stored meanwhile.
+    await ledger.topup(account_id, Decimal("1.00"))
+    for _ in range(2):
+        shown = await balances.display_balance("2103", "cache.example")
+        assert shown is not None and shown.amount == Decimal("5.00") and len(balances) == 0
+    async with listening(balances, db_pool):
+        assert await balances.display_balance("2103", "cache.example") == shown
+        assert len(balances) == 1
+
+
+async def test_a_change_during_a_miss_is_not_stored(db_pool: asyncpg.Pool) -> None:
+    class RacingLedger(Ledger):
+        """Reads the figure, then another transaction changes it before the read returns."""
+
+        async def display_balance(self, username: str, domain: str) -> DisplayBalance | None:
+            shown = await super().display_balance(username, domain)
+            if shown is not None and not raced:
+                raced.append(True)
+                seen = balances.stats["invalidations"]
+                await Ledger(db_pool).topup(shown.account_id, Decimal("1.00"))
+                await _eventually(lambda: balances.stats["invalidations"] > seen, "the change")
+            return shown
+
+    raced: list[bool] = []
+    ledger = RacingLedger(db_pool)
+    balances = BalanceCache(ledger)
+    async with listening(balances, db_pool):
+        await _account(ledger, "cache-race", "2104", "2.00")
+        stale = await balances.display_balance("2104", "cache.example")
+        assert stale is not None and stale.amount == Decimal("2.00")
+        assert len(balances) == 0  # the read spanned a notification: used, not kept
+        fresh = await balances.display_balance("2104", "cache.example")
+        assert fresh is not None and fresh.amount == Decimal("3.00") and len(balances) == 1
