@@ -20,8 +20,11 @@ subscribers; the next read queries again. Three rules keep a stale figure from b
   the old figure: the same lag as reading from a replica, and it is display only (credit
   control locks the account row and never reads this cache).
 
-Subscribers without an account are not cached (their ``None`` carries no account id to
-forget them by). The cache holds at most ``max_entries`` subscribers; beyond that it starts
+Subscribers without an account are cached as such too (a deployment may bill only some of its
+subscribers, and those phones refresh as often as the others): the notification of a change
+to ``account_subscribers`` names the subscriber as well, which drops that entry.
+
+The cache holds at most ``max_entries`` subscribers; beyond that it starts
 over (cheaper than an LRU on the hot path, and a refill is one query per phone).
 """
 
@@ -45,7 +48,7 @@ class BalanceCache:
     def __init__(self, ledger: Ledger, *, max_entries: int = 100_000) -> None:
         self.ledger = ledger
         self.max_entries = max_entries
-        self._entries: dict[tuple[str, str], DisplayBalance] = {}
+        self._entries: dict[tuple[str, str], DisplayBalance | None] = {}
         self._by_account: dict[int, set[tuple[str, str]]] = {}
         self._generation = 0  # notifications seen; a read spanning one is not stored
         self._listening = False
@@ -81,18 +84,18 @@ class BalanceCache:
         """The subscriber's shown balance (None without an account). Database errors of a
         miss propagate, as from :meth:`Ledger.display_balance`."""
         key = (username, domain)
-        shown = self._entries.get(key)
-        if shown is not None:
+        if key in self._entries:
             self.stats["hits"] += 1
-            return shown
+            return self._entries[key]
         self.stats["misses"] += 1
         generation = self._generation
         shown = await self.ledger.display_balance(username, domain)
-        if shown is not None and self._listening and generation == self._generation:
+        if self._listening and generation == self._generation:
             if len(self._entries) >= self.max_entries:
                 self._clear()
             self._entries[key] = shown
-            self._by_account.setdefault(shown.account_id, set()).add(key)
+            if shown is not None:
+                self._by_account.setdefault(shown.account_id, set()).add(key)
         return shown
 
     def _clear(self) -> None:
@@ -102,10 +105,14 @@ class BalanceCache:
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         self._generation += 1
         self.stats["invalidations"] += 1
+        # "<account id>" or, for a subscriber moved, "<account id>\t<username>\t<domain>".
+        fields = str(payload).split("\t")
         try:
-            account_id = int(str(payload))
+            account_id = int(fields[0])
         except ValueError:
             self._clear()
             return
         for key in self._by_account.pop(account_id, ()):
             self._entries.pop(key, None)
+        if len(fields) == 3:
+            self._entries.pop((fields[1], fields[2]), None)

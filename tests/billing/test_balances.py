@@ -67,10 +67,15 @@ async def test_a_second_read_is_a_hit_and_a_posting_is_seen(
     shown = await cache.display_balance("2101", "cache.example")
     assert shown is not None and shown.amount == Decimal("12.50")
 
-    # Without an account: not cached (nothing would forget it), asked again each time.
-    assert await cache.display_balance("nobody", "cache.example") is None
-    assert await cache.display_balance("nobody", "cache.example") is None
-    assert len(cache) == 1
+    # Without an account: cached as such, until the subscriber is given one.
+    hits = cache.stats["hits"]
+    assert await cache.display_balance("2100", "cache.example") is None
+    assert await cache.display_balance("2100", "cache.example") is None
+    assert cache.stats["hits"] == hits + 1 and len(cache) == 2
+    seen = cache.stats["invalidations"]
+    await ledger.attach_subscriber(account_id, "2100", "cache.example")
+    await _eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
+    assert await cache.display_balance("2100", "cache.example") == shown
 
 
 async def test_reservations_and_moving_a_subscriber_invalidate(
