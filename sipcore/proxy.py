@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from sipcore import transaction as txn
+from sipcore import workers
 from sipcore.checks import request_checks
 from sipcore.errors import SipParseError
 from sipcore.latency import LatencyHistogram
@@ -119,7 +120,8 @@ class LocalIdentity:
     def record_route_uri(self, transport: str) -> str:
         host, port = self.sent_by(transport)
         t = ";transport=tcp" if transport == "TCP" else ""
-        return f"<sip:{host}:{port}{t};lr>"
+        # With several workers the URI names the one that holds the dialog (sipcore.workers).
+        return f"<sip:{host}:{port}{t};lr{workers.uri_param()}>"
 
 
 # ---------------------------------------------------------------------------- events
@@ -232,7 +234,9 @@ def _loop_hash(req: Request) -> str:
 
 
 def new_branch(loop_hash: str = "") -> str:
-    return f"z9hG4bK{loop_hash}.{_BRANCH_SALT}{next(_branch_counter):x}"
+    # The suffix names this worker process, so a response finds it (sipcore.workers).
+    return (f"z9hG4bK{loop_hash}.{_BRANCH_SALT}{next(_branch_counter):x}"
+            f"{workers.branch_suffix()}")
 
 
 @dataclass(slots=True)

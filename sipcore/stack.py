@@ -75,6 +75,9 @@ class SipStack:
         self._timer_at: float | None = None
         self._pumping = False
         self.on_sent: Callable[[bytes, Peer], None] | None = None  # metrics hook
+        #: With several worker processes: hands a message that another worker owns to it
+        #: (``WorkerChannel.divert``, True when it did). None with one process.
+        self.router: Callable[[bytes, Peer, bool], bool] | None = None
         self.stats: dict[str, int] = {
             "parse_errors": 0, "stateless_replies": 0, "responses_dropped_unparsable": 0,
             "stray_responses": 0, "overload_rejections": 0,
@@ -89,6 +92,14 @@ class SipStack:
 
     # ------------------------------------------------------------------ receive path
     def message_received(self, data: bytes, peer: Peer, stream: bool) -> None:
+        router = self.router
+        if router is not None and router(data, peer, stream):
+            return
+        self.receive(data, peer, stream)
+
+    def receive(self, data: bytes, peer: Peer, stream: bool) -> None:
+        """Process one message from ``peer``: from our own socket, or handed over by the
+        worker whose socket it reached (never routed again)."""
         now = self.loop.time()
         try:
             msg = parse_message(data, stream=stream)

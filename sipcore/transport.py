@@ -12,8 +12,9 @@ connections are closed after ``tcp_idle_timeout``, and a peer that buffers more 
 send to a TCP peer with no connection (a gateway, a contact whose connection dropped) one is
 opened; if that fails the sink hears :meth:`TransportSink.transport_failed`.
 
-Several worker processes may bind the same port (``SO_REUSEPORT``); the kernel spreads UDP
-datagrams and TCP connections over them.
+Several worker processes bind the same UDP port (``SO_REUSEPORT``); the kernel spreads the
+datagrams over them by 4-tuple. Only worker 0 listens on TCP; the others send to TCP peers
+through it (:attr:`Transports.tcp_relay`, see :mod:`sipcore.workers`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -147,7 +149,10 @@ class Transports:
         self._udp: list[_UdpProtocol] = []
         self._servers: list[asyncio.Server] = []
         self._connecting: dict[Peer, asyncio.Task[None]] = {}
-        self._pending: dict[Peer, list[bytes]] = {}
+        # Bytes waiting for a connection, each with who to tell if it fails (None: the sink).
+        self._pending: dict[Peer, list[tuple[bytes, Callable[[], None] | None]]] = {}
+        #: A worker without TCP listener hands TCP sends to worker 0 through this.
+        self.tcp_relay: Callable[[bytes, Peer, Callable[[], None] | None], None] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self.local: dict[str, tuple[str, int]] = {}  # transport name -> (host, port)
         self.stats: dict[str, int] = {
@@ -194,27 +199,32 @@ class Transports:
         self._arm_sweeper()
         return str(bound[0]), int(bound[1])
 
-    def send(self, data: bytes, peer: Peer) -> None:
-        """Put ``data`` on the wire for ``peer``; failures surface via the sink, never raise."""
+    def send(self, data: bytes, peer: Peer,
+             on_failure: Callable[[], None] | None = None) -> None:
+        """Put ``data`` on the wire for ``peer``; failures surface via the sink (or
+        ``on_failure`` when given: worker 0 sending for another worker), never raise."""
         if peer.transport == "UDP":
             if not self._udp or self._udp[0].transport is None:
-                self.sink.transport_failed(peer)
+                self._failed(peer, on_failure)
                 return
             try:
                 self._udp[0].transport.sendto(data, (peer.host, peer.port))
             except OSError:
-                self.sink.transport_failed(peer)
+                self._failed(peer, on_failure)
                 return
             self.stats["udp_datagrams_out"] += 1
             return
         if peer.transport != "TCP":
-            self.sink.transport_failed(peer)
+            self._failed(peer, on_failure)
             return
         conn = self.connections.get(peer)
         if conn is not None and not conn.closed:
             conn.write(data)
             return
-        self._pending.setdefault(peer, []).append(data)
+        if self.tcp_relay is not None:
+            self.tcp_relay(data, peer, on_failure)
+            return
+        self._pending.setdefault(peer, []).append((data, on_failure))
         if peer not in self._connecting:
             self._connecting[peer] = self.loop.create_task(self._connect(peer))
 
@@ -231,16 +241,22 @@ class Transports:
         except (TimeoutError, OSError):
             self.stats["tcp_connect_failed"] += 1
             self._connecting.pop(peer, None)
-            for _ in self._pending.pop(peer, []):
-                self.sink.transport_failed(peer)
+            for _, on_failure in self._pending.pop(peer, []):
+                self._failed(peer, on_failure)
             return
         self._connecting.pop(peer, None)
         conn = proto
         # The connection registered itself under its real peer address; make the name we
         # dialled find it too (they are the same unless the host was not a literal).
         self.connections.setdefault(peer, conn)
-        for data in self._pending.pop(peer, []):
+        for data, _ in self._pending.pop(peer, []):
             conn.write(data)
+
+    def _failed(self, peer: Peer, on_failure: Callable[[], None] | None) -> None:
+        if on_failure is not None:
+            on_failure()
+        else:
+            self.sink.transport_failed(peer)
 
     def has_connection(self, peer: Peer) -> bool:
         conn = self.connections.get(peer)
