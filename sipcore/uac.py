@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol
 
 from sipcore import transaction as txn
+from sipcore import workers
 from sipcore.message import Request, Response, build_request, parse_message
 from sipcore.transport_types import Peer
 
@@ -90,7 +91,8 @@ def new_call_id(host: str) -> str:
 
 
 def new_branch() -> str:
-    return BRANCH_COOKIE + "uac" + secrets.token_hex(8)
+    # The suffix names this worker process, so a response finds it (sipcore.workers).
+    return BRANCH_COOKIE + "uac" + secrets.token_hex(8) + workers.branch_suffix()
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +215,8 @@ class UserAgentClient:
         host, port = self.identity.sent_by(transport)
         param = "" if transport == "UDP" else f";transport={transport.lower()}"
         userinfo = f"{user}@" if user else ""
-        return f"<sip:{userinfo}{_host(host)}:{port}{param}>"
+        # Requests to this Contact reach the worker that holds the dialog (sipcore.workers).
+        return f"<sip:{userinfo}{_host(host)}:{port}{param}{workers.uri_param()}>"
 
     def build(
         self,
