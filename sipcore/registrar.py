@@ -301,6 +301,11 @@ class Registrar:
                 )
                 if not _storable(uri) or (instance is not None and not _storable(instance)):
                     raise _Reject(400, "Bad Contact", "bad_contact")
+                if instance is not None and expires:
+                    # One device, one binding: of its contacts in one REGISTER the last counts.
+                    for other in [e.uri for e in entries.values() if e.expires
+                                  and e.instance == instance and e.reg_id == reg_id]:
+                        del entries[other]
                 # A contact listed twice: the last one counts.
                 entries[uri] = _Contact(uri, expires, _qvalue(params.get("q")), instance, reg_id)
 
@@ -338,6 +343,15 @@ class Registrar:
                         removed.append(old)
                         del by_contact[entry.uri]
                     continue
+                if entry.instance is not None:
+                    # RFC 5626 §6 / RFC 5627 §7.1.2.1: the same device (+sip.instance, and
+                    # reg-id if any) registering a new contact, e.g. a phone rebooted onto a
+                    # new port, replaces its old binding rather than adding a dead one.
+                    for stale in [b for b in by_contact.values()
+                                  if b.instance == entry.instance and b.reg_id == entry.reg_id
+                                  and b.contact not in entries]:
+                        removed.append(stale)
+                        del by_contact[stale.contact]
                 binding = Binding(
                     key,
                     entry.uri,

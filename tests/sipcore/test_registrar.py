@@ -157,6 +157,45 @@ async def test_bad_q_value_is_400(registrar: Registrar) -> None:
         assert resp.status == 400, q
 
 
+async def test_same_instance_replaces_its_old_binding(
+    registrar: Registrar, location: LocationService, bus: EventBus, db_pool: asyncpg.Pool
+) -> None:
+    """RFC 5626 §6: a rebooted phone (same +sip.instance, new port and Call-ID) replaces its
+    binding instead of leaving a dead one that every call would fork to."""
+    inst = '"<urn:uuid:00000000-0000-1000-8000-000a95a0e128>"'
+    other = '"<urn:uuid:11111111-0000-1000-8000-000a95a0e128>"'
+    await send(registrar, register("alice", [f"<sip:a@10.0.0.1:5060>;+sip.instance={inst}",
+                                             f"<sip:b@10.0.0.9>;+sip.instance={other}",
+                                             "<sip:plain@10.0.0.5>"], call_id="boot1"))
+    events = Events(bus)
+    resp = await send(registrar, register(
+        "alice", [f"<sip:a@10.0.0.1:5072>;+sip.instance={inst}"], call_id="boot2"))
+    assert resp.status == 200
+    assert set(contacts_of(resp)) == {"sip:a@10.0.0.1:5072", "sip:b@10.0.0.9",
+                                      "sip:plain@10.0.0.5"}
+    assert {b.contact for b in location.lookup(AOR)} == set(contacts_of(resp))
+    rows = await db_pool.fetch("SELECT contact FROM location WHERE aor = $1", AOR)
+    assert {r["contact"] for r in rows} == set(contacts_of(resp))
+    assert sorted(events.kinds()) == ["ContactRegistered", "ContactRemoved"]
+
+    # reg-id tells two flows of one instance apart (RFC 5626): both stay.
+    await send(registrar, register("alice", ["<sip:plain@10.0.0.5>;expires=0"], call_id="boot1",
+                                   cseq=2))
+    resp = await send(registrar, register(
+        "alice", [f"<sip:a@10.0.0.1:6000>;+sip.instance={inst};reg-id=2"], call_id="flow2"))
+    assert resp.status == 200
+    assert {"sip:a@10.0.0.1:5072", "sip:a@10.0.0.1:6000"} <= {
+        b.contact for b in location.lookup(AOR)}
+
+    # Two contacts of one instance in one REGISTER: the last counts.
+    resp = await send(registrar, register(
+        "alice", [f"<sip:a@10.0.0.1:7000>;+sip.instance={inst}",
+                  f"<sip:a@10.0.0.1:7001>;+sip.instance={inst}"], call_id="boot3"))
+    contacts = {b.contact for b in location.lookup(AOR)}
+    assert "sip:a@10.0.0.1:7001" in contacts
+    assert not {"sip:a@10.0.0.1:7000", "sip:a@10.0.0.1:5072"} & contacts
+
+
 # ------------------------------------------------------------------------------ removal
 
 
