@@ -6,6 +6,14 @@ Start-up order: database (embedded PostgreSQL when no URL), migrations, demo see
 socket. Shutdown runs the same list backwards on SIGINT/SIGTERM: listeners close first so no
 new transaction starts, in-flight transactions get a short grace period to finish, then the
 pool closes and the embedded PostgreSQL stops.
+
+With ``server.workers = N > 1`` :mod:`sipbill.supervisor` runs N of these as processes, each
+given a :class:`WorkerSpec`. Every worker binds the UDP listeners with ``SO_REUSEPORT``, tags
+its branches and Record-Route/Contact URIs and routes misdelivered messages to their owner
+(:mod:`sipcore.workers`). Only worker 0 listens on TCP, serves HTTP and the control socket;
+its ``stats`` and ``/metrics`` report the node's totals, asking the other workers over the
+worker channel. Modules run in every worker (each with its own pool and, for billing, its own
+node identity).
 """
 
 from __future__ import annotations
@@ -13,17 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 from aiohttp import web
 
 from sipbill.control import ControlServer, MethodRegistry
-from sipbill.coremethods import register_core_methods
+from sipbill.coremethods import core_stats, register_core_methods
 from sipbill.db import EmbeddedPostgres, create_pool, migrate
 from sipbill.metrics import Metrics
 from sipbill.modules import setup_modules
@@ -40,10 +50,20 @@ from sipcore.stack import SipStack
 from sipcore.subscribers import SubscriberStore
 from sipcore.transaction import TimerSettings, TransactionLayer
 from sipcore.transport import TransportLimits, Transports
+from sipcore.workers import WorkerChannel, set_worker
 
 log = logging.getLogger("sipbill.app")
 
 ShutdownHook = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Which worker of how many this process is, and where the worker sockets live."""
+
+    index: int
+    count: int
+    run_dir: Path
 
 
 @dataclass
@@ -67,8 +87,10 @@ class AppContext:
 
 
 class Application:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, worker: WorkerSpec | None = None) -> None:
         self.settings = settings
+        self.worker = worker
+        self.channel: WorkerChannel | None = None
         self.embedded: EmbeddedPostgres | None = None
         self.pool: asyncpg.Pool | None = None
         self.ctx: AppContext | None = None
@@ -76,7 +98,7 @@ class Application:
         self.listening: list[str] = []
         self.control: ControlServer | None = None
         self.metrics: Metrics | None = None
-        self.worker_id = 0
+        self.worker_id = worker.index if worker is not None else 0
         self.db_latency = LatencyHistogram()
 
     async def start(self) -> None:
@@ -108,20 +130,36 @@ class Application:
                                  max_tcp_connections=lim.max_tcp_connections,
                                  max_tcp_buffer=lim.max_tcp_buffer,
                                  tcp_idle_timeout=lim.tcp_idle_timeout)
+        worker = self.worker if self.worker is not None and self.worker.count > 1 else None
+        # Tag branches and Record-Route/Contact URIs before anything generates one.
+        set_worker(worker.index if worker is not None else None)
         stack = SipStack(lambda st: Transports(st, limits), layer,
                          server_header=s.server.user_agent)
-        reuse = s.server.workers > 1
+        reuse = worker is not None
+        first = worker is None or worker.index == 0
         bound: list[tuple[str, str, int]] = []
         for listen in s.server.listen:
             transport = listen.transport.upper()
             if transport == "UDP":
                 host, port = await stack.transports.listen_udp(listen.host, listen.port,
                                                                reuse_port=reuse)
+            elif first:
+                host, port = await stack.transports.listen_tcp(listen.host, listen.port)
             else:
-                host, port = await stack.transports.listen_tcp(listen.host, listen.port,
-                                                               reuse_port=reuse)
+                # Worker 0 holds the TCP listener and connections; this worker's TCP sends go
+                # through it, but Via, Record-Route and "is this us?" still name the port.
+                bound.append((transport, listen.host, listen.port))
+                continue
             bound.append((transport, host, port))
             self.listening.append(f"{transport.lower()}:{host}:{port}")
+        if worker is not None:
+            self.channel = WorkerChannel(worker.index, worker.count, worker.run_dir, stack,
+                                         max_message=lim.max_message_size)
+            stack.router = self.channel.divert
+            if first:
+                self.channel.tcp = stack.transports
+            else:
+                stack.transports.tcp_relay = self.channel.send_tcp
         aliases = s.server.domain_aliases
         identity = LocalIdentity([*s.server.domains, *aliases], bound, s.server.advertised_host)
         pipeline = Pipeline()
@@ -149,7 +187,10 @@ class Application:
         registry = MethodRegistry()
         self.ctx = AppContext(s, self.pool, stack, pipeline, events, proxy, identity,
                               subscribers, http, location, registry)
-        self.ctx.services.update(auth=auth, nonces=nonces, db_latency=self.db_latency)
+        self.ctx.services.update(auth=auth, nonces=nonces, db_latency=self.db_latency,
+                                 worker_index=self.worker_id)
+        if self.channel is not None:
+            self.ctx.services["workers"] = self.channel
         register_core_methods(registry, self.ctx)
         # The metrics collector reads the registrar's (and auth's) counters at scrape time.
         self.ctx.services["registrar"] = registrar
@@ -161,14 +202,19 @@ class Application:
         # Modules plug in last: pipeline handlers, event listeners, methods, HTTP routes.
         for name in await setup_modules(self.ctx):
             log.info("event=module_started module=%s", name)
-        if s.http.enabled:
+        if self.channel is not None:
+            self.channel.handlers["stats"] = self._stats_snapshot
+            self.channel.handlers["metrics"] = self.metrics.snapshot
+            self.metrics.workers = self.channel
+        # One HTTP server and one control socket per node: worker 0's (node totals).
+        if s.http.enabled and first:
             self.http_runner = web.AppRunner(http, access_log=None)
             await self.http_runner.setup()
             host, port = s.http.host_port
-            site = web.TCPSite(self.http_runner, host, port, reuse_port=reuse or None)
+            site = web.TCPSite(self.http_runner, host, port)
             await site.start()
             self.listening.append(f"http:{host}:{port}")
-        if s.control.enabled:
+        if s.control.enabled and first:
             self.metrics.control_methods = registry
             self.control = ControlServer(registry, s.control_socket_path,
                                          on_request=self.metrics.observe_control)
@@ -176,7 +222,17 @@ class Application:
             self.listening.append(f"control:{s.control_socket_path}")
         for where in self.listening:
             log.info("event=listening address=%s", where)
-        print("sipbill listening on " + ", ".join(self.listening), flush=True)
+        if worker is not None:
+            # Ready: the supervisor waits for this socket, and prints the node's banner.
+            self.channel.start()  # type: ignore[union-attr]
+            print(f"sipbill worker {worker.index} (pid {os.getpid()}) listening on "
+                  + ", ".join(self.listening), flush=True)
+        else:
+            print("sipbill listening on " + ", ".join(self.listening), flush=True)
+
+    async def _stats_snapshot(self) -> dict[str, Any]:
+        assert self.ctx is not None
+        return core_stats(self.ctx)
 
     async def _health(self, request: web.Request) -> web.Response:
         ctx = self.ctx
@@ -204,6 +260,8 @@ class Application:
                 except Exception:
                     log.exception("event=shutdown_hook_failed")
             await ctx.proxy.close()
+            if self.channel is not None:
+                await self.channel.close()
             await ctx.location.close()
             await ctx.stack.close()
             await ctx.events.drain()
@@ -219,8 +277,9 @@ class Application:
         log.info("event=stopped")
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> int:
-    app = Application(settings)
+async def run(settings: Settings, stop: asyncio.Event | None = None,
+              worker: WorkerSpec | None = None) -> int:
+    app = Application(settings, worker)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -239,7 +298,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> int:
     return 0
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, worker: WorkerSpec | None = None) -> int:
     import uvloop
 
-    return uvloop.run(run(settings))
+    return uvloop.run(run(settings, worker=worker))

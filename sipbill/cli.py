@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -56,11 +57,34 @@ async def _with_pool(settings: Settings, fn: Callable[[asyncpg.Pool], Awaitable[
             await asyncio.to_thread(embedded.stop)
 
 
+class _WorkerTag(logging.Filter):
+    """Appends ``worker=N`` to every log line of a worker process."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.suffix = f" worker={index}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and not record.msg.endswith(self.suffix):
+            record.msg += self.suffix
+        return True
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args)
     setup_logging(settings.server.log_level, settings.server.log_format)
-    from sipbill.app import serve
+    from sipbill.app import WorkerSpec, serve
+    from sipbill.supervisor import supervise, worker_from_env
 
+    worker = worker_from_env()
+    if worker is not None:
+        # One of the supervisor's workers (sipbill.supervisor).
+        index, run_dir = worker
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_WorkerTag(index))
+        return serve(settings, WorkerSpec(index, settings.server.workers, run_dir))
+    if settings.server.workers > 1:
+        return supervise(settings, args.config)
     return serve(settings)
 
 

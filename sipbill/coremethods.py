@@ -6,6 +6,9 @@ themselves; this file only holds what belongs to the composition root.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -15,29 +18,95 @@ from sipcore.errors import SipParseError
 from sipcore.registrar import canonical_aor
 from sipcore.subscribers import SubscriberError
 from sipcore.uri import SipUri, parse_uri
+from sipcore.workers import WorkerChannel
 
 if TYPE_CHECKING:
     from sipbill.app import AppContext
 
 
+def core_stats(ctx: AppContext) -> dict[str, Any]:
+    """This process's counters (``stats`` on the control socket), plain dicts and numbers."""
+    layer = ctx.stack.layer
+    out: dict[str, Any] = {
+        "uptime": round(time.time() - ctx.started_at, 3),
+        "transport": dict(ctx.stack.transports.stats),
+        "tcp_connections": len(ctx.stack.transports.connections),
+        "stack": dict(ctx.stack.stats),
+        "requests_in": dict(ctx.stack.requests_in),
+        "parse_errors_by_status": dict(ctx.stack.parse_error_reasons),
+        "transactions": layer.transaction_count,
+        "server_transactions": layer.server_transaction_count,
+        "transaction_stats": dataclasses.asdict(layer.stats),
+        "proxy": dict(ctx.proxy.stats),
+        "dialogs": len(ctx.proxy.dialogs),
+        "location": {"aors": ctx.location.aor_count,
+                     "bindings": ctx.location.binding_count, **ctx.location.stats},
+        "pipeline_errors": ctx.pipeline.errors,
+    }
+    channel = ctx.services.get("workers")
+    if isinstance(channel, WorkerChannel):
+        out["worker"] = {"index": channel.index, "pid": os.getpid(),
+                         "channel": dict(channel.stats),
+                         "diverted_to": {str(k): v for k, v in channel.diverted_to.items()}}
+    return out
+
+
+#: What every worker holds a whole copy of (the location cache, whose expiry timers run in
+#: each worker) or that is not a count: reported as worker 0 sees it, never summed.
+NOT_SUMMED: frozenset[tuple[str, ...]] = frozenset({
+    ("uptime",), ("location", "aors"), ("location", "bindings"), ("location", "expired"),
+    ("worker",),
+})
+
+
+def merge_stats(total: dict[str, Any], other: dict[str, Any],
+                path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Add the numbers of ``other`` into ``total`` (nested dicts by key), except
+    :data:`NOT_SUMMED`. Returns ``total``."""
+    for key, value in other.items():
+        where = (*path, key)
+        if where in NOT_SUMMED or isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            current = total.get(key, 0)
+            if isinstance(current, int | float) and not isinstance(current, bool):
+                total[key] = current + value
+        elif isinstance(value, dict):
+            inner = total.setdefault(key, {})
+            if isinstance(inner, dict):
+                merge_stats(inner, value, where)
+    return total
+
+
+async def node_stats(ctx: AppContext) -> dict[str, Any]:
+    """The node's totals: this process's counters plus every other worker's (asked over the
+    worker channel), with each worker's own figures under ``workers``."""
+    local = core_stats(ctx)
+    channel = ctx.services.get("workers")
+    if not isinstance(channel, WorkerChannel):
+        return local
+    others = await channel.query("stats")
+    per_worker = [local, *(others[i] for i in sorted(others) if isinstance(others[i], dict))]
+    total = copy.deepcopy(local)
+    total.pop("worker", None)
+    for snap in per_worker[1:]:
+        merge_stats(total, snap)
+    total["workers"] = [
+        {"index": snap.get("worker", {}).get("index"), "pid": snap.get("worker", {}).get("pid"),
+         "requests_in": snap.get("requests_in", {}),
+         "udp_datagrams_in": snap.get("transport", {}).get("udp_datagrams_in", 0),
+         "channel": snap.get("worker", {}).get("channel", {}),
+         "dialogs": snap.get("dialogs", 0)}
+        for snap in per_worker
+    ]
+    total["workers_answering"] = len(per_worker)
+    total["workers_configured"] = channel.workers
+    return total
+
+
 def register_core_methods(registry: MethodRegistry, ctx: AppContext) -> None:
     async def stats() -> dict[str, Any]:
-        layer = ctx.stack.layer
-        return {
-            "uptime": round(time.time() - ctx.started_at, 3),
-            "transport": dict(ctx.stack.transports.stats),
-            "tcp_connections": len(ctx.stack.transports.connections),
-            "stack": dict(ctx.stack.stats),
-            "parse_errors_by_status": dict(ctx.stack.parse_error_reasons),
-            "transactions": layer.transaction_count,
-            "server_transactions": layer.server_transaction_count,
-            "transaction_stats": layer.stats,
-            "proxy": dict(ctx.proxy.stats),
-            "dialogs": len(ctx.proxy.dialogs),
-            "location": {"aors": ctx.location.aor_count,
-                         "bindings": ctx.location.binding_count, **ctx.location.stats},
-            "pipeline_errors": ctx.pipeline.errors,
-        }
+        return await node_stats(ctx)
 
     async def config_show() -> Any:
         data = as_dict(ctx.settings, redact=("password", "url", "secret"))
@@ -107,7 +176,9 @@ def register_core_methods(registry: MethodRegistry, ctx: AppContext) -> None:
                       params_doc={"aor": "1001, 1001@domain or sip:1001@domain"})
     registry.register("ul.rm", ul_rm, help="Remove every binding of an address of record.",
                       params_doc={"aor": "1001, 1001@domain or sip:1001@domain"})
-    registry.register("stats", stats, help="Counters of transports, transactions and the proxy.")
+    registry.register("stats", stats, help="Counters of transports, transactions and the proxy "
+                      "(with several workers: the node's totals, and each worker's under "
+                      "'workers').")
     registry.register("config.show", config_show,
                       help="The running configuration, secrets redacted.")
     registry.register("subscriber.list", sub_list, help="Subscribers, optionally of one domain.",

@@ -13,12 +13,20 @@ process-global one): tests run several servers in one process, and a global regi
 refuse the second set of collectors and mix their numbers.
 
 Status classes follow RFC 3261 §7.2 / §21 (1xx provisional ... 6xx global failure).
+
+Several worker processes (``server.workers``): only worker 0 serves ``/metrics``. At each
+scrape it asks the other workers over the worker channel for their samples
+(:meth:`Metrics.snapshot`, name, labels and value of every sample of their registry) and adds
+them to its own, sample by sample, so the node's totals come out under the usual names with no
+extra label. The gauges of the location cache (:data:`NOT_SUMMED`), which every worker holds
+whole, are worker 0's alone. A worker that does not answer within a second is left out of that
+scrape (counters then dip; Prometheus' ``rate`` treats that as a reset, rarely).
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterator, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Container, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -29,6 +37,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from sipcore.latency import LatencyHistogram
 
@@ -318,6 +327,52 @@ def _histogram(name: str, doc: str, label: str, hist: LatencyHistogram) -> Metri
     return fam
 
 
+#: Families every worker reports in full (each holds the whole location cache, and runs the
+#: expiry timers of every binding): worker 0's value is the node's.
+NOT_SUMMED = frozenset({"sipbill_registrations_current", "sipbill_registered_aors",
+                        "sipbill_registrations_expired"})
+
+
+class _Peers(Protocol):
+    async def query(self, what: str, timeout: float = 1.0) -> dict[int, Any]: ...
+
+
+class _Families:
+    """A registry stand-in for ``generate_latest``: fixed metric families."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def merge_samples(families: list[Metric], others: Iterable[list[list[Any]]]) -> list[Metric]:
+    """Add other workers' samples (``[family, sample name, labels, value]``) into
+    ``families`` (modified in place): same name and labels add up, new label sets are
+    appended to their family; :data:`NOT_SUMMED` families and unknown families are skipped."""
+    by_name = {f.name: f for f in families}
+    index: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[Metric, int]] = {}
+    for fam in families:
+        for i, sample in enumerate(fam.samples):
+            index[(sample.name, tuple(sorted(sample.labels.items())))] = (fam, i)
+    for samples in others:
+        for family, name, labels, value in samples:
+            target = by_name.get(family)
+            if target is None or family in NOT_SUMMED or name.endswith("_created"):
+                continue  # (a _created sample is a timestamp, not a count)
+            key = (name, tuple(sorted(labels.items())))
+            found = index.get(key)
+            if found is None:
+                target.samples.append(Sample(name, dict(labels), float(value)))
+                index[key] = (target, len(target.samples) - 1)
+            else:
+                owner, i = found
+                old = owner.samples[i]
+                owner.samples[i] = old._replace(value=old.value + float(value))
+    return families
+
+
 class Metrics:
     """One server's registry, its collector, the control-socket hook and the HTTP handler."""
 
@@ -332,6 +387,13 @@ class Metrics:
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0),
         )
         self.registry.register(SipbillCollector(ctx, self.control_counts))
+        #: The other workers of this node (worker 0 sums their samples into each scrape).
+        self.workers: _Peers | None = None
+
+    async def snapshot(self) -> list[list[Any]]:
+        """Every sample of this registry as ``[family, sample name, labels, value]``."""
+        return [[fam.name, sample.name, sample.labels, sample.value]
+                for fam in self.registry.collect() for sample in fam.samples]
 
     def observe_control(self, method: str, code: int | None, seconds: float) -> None:
         """:data:`sipbill.control.RequestObserver`: count one answered control request."""
@@ -344,7 +406,13 @@ class Metrics:
         self.control_latency.labels(method).observe(seconds)
 
     async def handler(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.registry)
+        if self.workers is None:
+            body = generate_latest(self.registry)
+        else:
+            families = list(self.registry.collect())
+            others = await self.workers.query("metrics")
+            merged = merge_samples(families, (others[i] for i in sorted(others)))
+            body = generate_latest(_Families(merged))
         resp = web.Response(body=body)
         # CONTENT_TYPE_LATEST carries a charset parameter, which aiohttp's content_type refuses.
         resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
