@@ -60,6 +60,12 @@ _NAME_ADDR_FAST = re.compile(
     r"<(" + _SCHEME_RE + r'[^<>" \t]++)>' + _PARAMS_FAST
 )
 _ADDR_SPEC_FAST = re.compile(r"(" + _SCHEME_RE + r'[^<>" \t;,?]++)' + _PARAMS_FAST)
+# The same shapes as a header field's value follows its colon, surrounding LWS included
+# (the original fullmatch the stripped value, so these accept exactly the same values):
+# the message indexer matches them on the text after the colon without stripping it first.
+_VIA_VALUE = re.compile(r"[ \t]*+" + _VIA_FAST.pattern + r"[ \t]*+")
+_NAME_ADDR_VALUE = re.compile(r"[ \t]*+" + _NAME_ADDR_FAST.pattern)
+_CSEQ_VALUE = re.compile(r"[ \t]*+([0-9]{1,10}+)[ \t]++(" + _T + r"++)[ \t]*+")
 
 
 def _fast_params(text: str) -> dict[str, str | None]:
@@ -157,9 +163,10 @@ LIST_HEADERS: frozenset[str] = frozenset(
     }
 )
 
-# Canonical names for spellings already seen.  Bounded so that a flood of distinct header
-# names cannot grow it without limit; past the bound names are still canonicalised, just
-# not remembered.
+# Canonical names for spellings already seen, keyed by the name as written up to its colon
+# (what the message indexer looks up).  Bounded so that a flood of distinct header names
+# cannot grow it without limit; past the bound names are still canonicalised, just not
+# remembered.  sipcore/_fastparse.c holds a copy of the entries made here at import.
 _NAME_CACHE: dict[str, str] = {}
 _NAME_CACHE_MAX = 4096
 for _long in (
@@ -195,9 +202,6 @@ for _long in (
 for _short, _long in COMPACT_FORMS.items():
     _NAME_CACHE[_short] = sys.intern(_long)
     _NAME_CACHE[_short.upper()] = sys.intern(_long)
-#: The same, keyed by the name *with* its colon ("Via:", "v:", "TO :") -- what the message
-#: indexer looks up, so that a line without a colon can never hit the cache.
-_NAME_COLON_CACHE: dict[str, str] = {key + ":": value for key, value in _NAME_CACHE.items()}
 
 
 def canonical_name(name: str) -> str:
@@ -213,7 +217,6 @@ def canonical_name(name: str) -> str:
     canon = sys.intern(COMPACT_FORMS.get(lower, lower))
     if len(_NAME_CACHE) < _NAME_CACHE_MAX:
         _NAME_CACHE[name] = canon
-        _NAME_COLON_CACHE[name + ":"] = canon
     return canon
 
 
@@ -479,33 +482,38 @@ def parse_via(text: str) -> Via:
     """
     match = _VIA_FAST.fullmatch(text)
     if match is not None:
-        transport, host, port_text, param_text = match.groups()
-        port = None
-        if port_text is not None:
-            port = int(port_text)
-            if port > 65535:
-                raise SipParseError(400, "Bad port")
-        params: dict[str, str | None] = {}
-        if param_text:
-            for piece in param_text.split(";")[1:]:
-                name, eq, value = piece.partition("=")
-                params[name.lower()] = value if eq else None
-            # Only the typed parameters need more than the regex checked.
-            if (
-                params.get("rport") is not None
-                or "ttl" in params
-                or ("branch" in params and params["branch"] is None)
-                or ("received" in params and params["received"] is None)
-                or ("maddr" in params and params["maddr"] is None)
-            ):
-                _check_via_params(params)
-        return Via(transport.upper(), host, port, params)
+        return _via_from_match(match)
     try:
         return _parse_via(text)
     except SipParseError:
         raise
     except Exception as exc:
         raise SipParseError(400, f"Malformed Via ({type(exc).__name__})") from exc
+
+
+def _via_from_match(match: re.Match[str]) -> Via:
+    """The Via of a :data:`_VIA_FAST` / :data:`_VIA_VALUE` match."""
+    transport, host, port_text, param_text = match.groups()
+    port = None
+    if port_text is not None:
+        port = int(port_text)
+        if port > 65535:
+            raise SipParseError(400, "Bad port")
+    params: dict[str, str | None] = {}
+    if param_text:
+        for piece in param_text.split(";")[1:]:
+            name, eq, value = piece.partition("=")
+            params[name.lower()] = value if eq else None
+        # Only the typed parameters need more than the regex checked.
+        if (
+            params.get("rport") is not None
+            or "ttl" in params
+            or ("branch" in params and params["branch"] is None)
+            or ("received" in params and params["received"] is None)
+            or ("maddr" in params and params["maddr"] is None)
+        ):
+            _check_via_params(params)
+    return Via(transport.upper(), host, port, params)
 
 
 def _parse_via(text: str) -> Via:
@@ -660,11 +668,7 @@ def parse_name_addr(text: str) -> NameAddr:
     """
     match = _NAME_ADDR_FAST.fullmatch(text)
     if match is not None:
-        quoted, tokens, uri, param_text = match.groups()
-        if tokens is not None and (" " in tokens or "\t" in tokens):
-            tokens = " ".join(word for word in tokens.replace("\t", " ").split(" ") if word)
-        params = _fast_params(param_text) if param_text else {}
-        return NameAddr(quoted if quoted is not None else tokens, uri, params)
+        return _name_addr_from_match(match)
     match = _ADDR_SPEC_FAST.fullmatch(text)
     if match is not None:
         uri, param_text = match.groups()
@@ -675,6 +679,15 @@ def parse_name_addr(text: str) -> NameAddr:
         raise
     except Exception as exc:
         raise SipParseError(400, f"Malformed name-addr ({type(exc).__name__})") from exc
+
+
+def _name_addr_from_match(match: re.Match[str]) -> NameAddr:
+    """The NameAddr of a :data:`_NAME_ADDR_FAST` / :data:`_NAME_ADDR_VALUE` match."""
+    quoted, tokens, uri, param_text = match.groups()
+    if tokens is not None and (" " in tokens or "\t" in tokens):
+        tokens = " ".join(word for word in tokens.replace("\t", " ").split(" ") if word)
+    params = _fast_params(param_text) if param_text else {}
+    return NameAddr(quoted if quoted is not None else tokens, uri, params)
 
 
 def _check_uri_text(uri: str) -> None:
@@ -731,9 +744,10 @@ def parse_name_addrs(value: str, *, allow_star: bool = False) -> list[NameAddr]:
     """All name-addr values of one (unfolded) list header line (Contact, Route, ...)."""
     if allow_star and value.strip(" \t") == "*":
         return [NameAddr(None, "*", is_star=True)]
-    if _NAME_ADDR_FAST.fullmatch(value) is not None:
+    match = _NAME_ADDR_FAST.fullmatch(value)
+    if match is not None:
         # The fast grammar has no comma outside quotes and <>: this is a single value.
-        return [parse_name_addr(value)]
+        return [_name_addr_from_match(match)]
     return [
         parse_name_addr(part) for part in split_values(value, keep_empty=True) if _nonempty(part)
     ]

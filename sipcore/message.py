@@ -46,17 +46,22 @@ import hashlib
 import re
 from collections.abc import Collection, Sequence
 from itertools import accumulate, repeat
-from operator import add, itemgetter
+from operator import add, itemgetter, methodcaller
 from typing import Final, cast
 
 from sipcore.errors import SipParseError
 from sipcore.headers import (
-    _NAME_COLON_CACHE,
+    _CSEQ_VALUE,
+    _NAME_ADDR_VALUE,
+    _NAME_CACHE,
+    _VIA_VALUE,
     COMPACT_FORMS,
     LIST_HEADERS,
     CSeq,
     NameAddr,
     Via,
+    _name_addr_from_match,
+    _via_from_match,
     canonical_name,
     parse_cseq,
     parse_name_addr,
@@ -369,6 +374,17 @@ class SipMessage:
         return self._vias
 
     def _name_addrs(self, canon: str, allow_star: bool = False) -> list[NameAddr]:
+        last = self._pos.get(canon)
+        if last is None:
+            return []
+        if self._names.index(canon) == last:
+            # One field holding one <URI> value in the common shape (what parse_name_addrs
+            # would match after stripping): parse it from the line as it is.
+            line = self._lines[last]
+            if "\r" not in line:  # not folded
+                match = _NAME_ADDR_VALUE.fullmatch(line, line.find(":") + 1)
+                if match is not None:
+                    return [_name_addr_from_match(match)]
         out: list[NameAddr] = []
         for i in self._indices(canon):
             out.extend(parse_name_addrs(self._value(i), allow_star=allow_star))
@@ -762,19 +778,31 @@ def _parse(data: bytes, stream: bool) -> Request | Response:
             raise SipParseError(513, "Message Too Large")
         raise SipParseError(414, "Request-URI Too Long")
 
-    # ---- start line
+    # ---- start line (fast path: the common shapes, which the general parsers accept
+    # with the same result)
     first = lines[0]
     del lines[0]
-    msg: Request | Response = (
-        _parse_status_line(first) if first[:4].upper() == "SIP/" else _parse_request_line(first)
-    )
+    match = _REQUEST_LINE_FAST.fullmatch(first)
+    msg: Request | Response
+    if match is not None:
+        msg = Request.__new__(Request)
+        msg.method, msg.uri = match.groups()
+        msg._request_uri = None
+    elif first[:4].upper() == "SIP/":
+        msg = _parse_status_line(first)
+    else:
+        msg = _parse_request_line(first)
 
-    # ---- index the header fields: one dict lookup per line in the common case (a name
-    # spelt as seen before, no folding); anything else takes the careful path.
-    get = _NAME_COLON_CACHE.get
-    found = [get(line[: line.find(":") + 1]) for line in lines]
-    if None in found:
+    # ---- index the header fields: one partition and one dict lookup per line in the
+    # common case (a name spelt as seen before, no folding); anything else takes the
+    # careful path.  ``parts`` keeps each field's value after its colon, unstripped.
+    parts = list(map(str.partition, lines, repeat(":")))
+    found = list(map(_NAME_GET, map(_FIRST, parts)))
+    if None in found or "" in map(_SECOND, parts):
         lines, names = _index_slow(lines)
+        # Folded fields: match the fast paths against the unfolded values (a fold inside a
+        # quoted string must read as one SP, as the general parsers see it).
+        parts = [(name, colon, unfold(value)) for name, colon, value in map(_PARTITION, lines)]
     else:
         names = cast("list[str]", found)
     if len(names) > MAX_HEADERS:
@@ -794,7 +822,9 @@ def _parse(data: bytes, stream: bool) -> Request | Response:
     msg._record_routes = None
     msg._contacts = None
 
-    # ---- mandatory headers, validated once so a proxy can trust them
+    # ---- mandatory headers, validated once so a proxy can trust them.  Each value is
+    # first tried against a regex for its common shape (on the raw text after the colon);
+    # anything else -- folded, or unusual -- goes through the general parser.
     if len(pos) != len(names):
         for canon in _SINGLETONS:
             if names.count(canon) > 1:
@@ -803,31 +833,58 @@ def _parse(data: bytes, stream: bool) -> Request | Response:
         missing = [label for canon, label in _MANDATORY if canon not in pos]
         raise SipParseError(400, "Missing " + ", ".join(missing))
 
-    call_id = _field_value(lines[pos["call-id"]])
-    if not _is_call_id(call_id):
-        raise SipParseError(400, "Bad Call-ID")
-    msg._call_id = call_id
+    i = pos["call-id"]
+    match = _CALL_ID_VALUE.fullmatch(parts[i][2])
+    if match is not None:
+        msg._call_id = match[1]
+    else:
+        call_id = _field_value(lines[i])
+        if not _is_call_id(call_id):
+            raise SipParseError(400, "Bad Call-ID")
+        msg._call_id = call_id
 
-    cseq = parse_cseq(_field_value(lines[pos["cseq"]]))
+    i = pos["cseq"]
+    match = _CSEQ_VALUE.fullmatch(parts[i][2])
+    if match is not None and len(match[1]) < 10:  # < 10 digits: within 32 bits
+        cseq = CSeq(int(match[1]), match[2])
+    else:
+        cseq = parse_cseq(_field_value(lines[i]))
     if type(msg) is Request and cseq.method != msg.method:
         raise SipParseError(400, "CSeq method does not match the request method")
     msg._cseq = cseq
 
-    top = _field_value(lines[names.index("via")])
-    if "," in top:
-        top = split_values(top, keep_empty=True)[0]
-        if not top:
-            raise SipParseError(400, "Empty Via value")
-    msg._top_via = parse_via(top)
-    msg._from = from_addr = parse_name_addr(_field_value(lines[pos["from"]]))
-    msg._to = to_addr = parse_name_addr(_field_value(lines[pos["to"]]))
+    i = names.index("via")
+    match = _VIA_VALUE.fullmatch(parts[i][2])
+    if match is not None:
+        msg._top_via = _via_from_match(match)
+    else:
+        top = _field_value(lines[i])
+        if "," in top:
+            top = split_values(top, keep_empty=True)[0]
+            if not top:
+                raise SipParseError(400, "Empty Via value")
+        msg._top_via = parse_via(top)
+
+    i = pos["from"]
+    match = _NAME_ADDR_VALUE.fullmatch(parts[i][2])
+    if match is not None:
+        msg._from = from_addr = _name_addr_from_match(match)
+    else:
+        msg._from = from_addr = parse_name_addr(_field_value(lines[i]))
+    i = pos["to"]
+    match = _NAME_ADDR_VALUE.fullmatch(parts[i][2])
+    if match is not None:
+        msg._to = to_addr = _name_addr_from_match(match)
+    else:
+        msg._to = to_addr = parse_name_addr(_field_value(lines[i]))
     # tag-param = "tag" EQUAL token: a bare ";tag" would read as "no tag" in dialog matching.
     if from_addr.params.get("tag", "") is None or to_addr.params.get("tag", "") is None:
         raise SipParseError(400, "tag parameter without a value")
 
     mf_index = pos.get("max-forwards")
     if mf_index is not None:
-        mf = _field_value(lines[mf_index])
+        match = _DIGITS_VALUE.fullmatch(parts[mf_index][2])
+        mf = match[1] if match is not None else _field_value(lines[mf_index])
         if not mf.isdigit() or not mf.isascii() or len(mf) > 10 or int(mf) > 255:
             raise SipParseError(400, "Bad Max-Forwards")
         msg._max_forwards = int(mf)
@@ -835,15 +892,26 @@ def _parse(data: bytes, stream: bool) -> Request | Response:
         msg._max_forwards = None
 
     # ---- body (RFC 3261 §18.3, §20.14)
-    body_start = head_end + 4
-    available = len(data) - body_start
     cl_index = pos.get("content-length")
+    length = None
     if cl_index is not None:
-        cl_text = _field_value(lines[cl_index])
+        match = _DIGITS_VALUE.fullmatch(parts[cl_index][2])
+        cl_text = match[1] if match is not None else _field_value(lines[cl_index])
         if not cl_text.isdigit() or not cl_text.isascii() or len(cl_text) > 10:
             raise SipParseError(400, "Bad Content-Length")
         length = int(cl_text)
-        if body_start - base + length > max_size:
+    _set_body(msg, data, base, head_end, length, stream)
+    return msg
+
+
+def _set_body(
+    msg: SipMessage, data: bytes, base: int, head_end: int, length: int | None, stream: bool
+) -> None:
+    """Frame the body by Content-Length (``length``, None when absent) and set ``raw``."""
+    body_start = head_end + 4
+    available = len(data) - body_start
+    if length is not None:
+        if body_start - base + length > MAX_MESSAGE_SIZE:
             raise SipParseError(413, "Request Entity Too Large")
         if length > available:
             raise SipParseError(400, "Content-Length larger than the message")
@@ -853,13 +921,12 @@ def _parse(data: bytes, stream: bool) -> Request | Response:
     elif stream:
         raise SipParseError(400, "Missing Content-Length")
     else:
-        if len(data) - base > max_size:
+        if len(data) - base > MAX_MESSAGE_SIZE:
             raise SipParseError(513, "Message Too Large")
         end = len(data)
     msg.raw = data[base:end] if base or end != len(data) else data
     msg.body = data[body_start:end]
     msg._body_offset = body_start - base
-    return msg
 
 
 def _index_slow(physical: list[str]) -> tuple[list[str], list[str]]:
@@ -886,6 +953,17 @@ def _index_slow(physical: list[str]) -> tuple[list[str], list[str]]:
 
 _WORD_RE = r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]++"
 _CALL_ID = re.compile(_WORD_RE + "(?:@" + _WORD_RE + ")?")  # possessive: no backtracking
+# The same after a header colon, surrounding LWS included.
+_CALL_ID_VALUE = re.compile(r"[ \t]*+(" + _CALL_ID.pattern + r")[ \t]*+")
+_DIGITS_VALUE = re.compile(r"[ \t]*+([0-9]{1,10}+)[ \t]*+")
+# Request-Line = Method SP Request-URI SP SIP-Version in its common shape: an upper-case
+# method (a token) and a sip/sips URI of printable ASCII without SP, <, >, " or ? -- all of
+# which _parse_request_line would accept with the same result.
+_REQUEST_LINE_FAST = re.compile(r"([A-Z]++) (sips?:[!#-;=@-~]++) SIP/2\.0")
+_NAME_GET = _NAME_CACHE.get
+_FIRST = itemgetter(0)
+_PARTITION = methodcaller("partition", ":")
+_SECOND = itemgetter(1)
 
 
 def _is_call_id(text: str) -> bool:

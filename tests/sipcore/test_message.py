@@ -205,6 +205,25 @@ def test_folding_and_whitespace() -> None:
     assert unfold("  a \r\n   b\r\n\tc  ") == "a b c"
 
 
+def test_folds_inside_quoted_display_names_read_as_one_space() -> None:
+    # The fast paths match values as written; a fold inside a quoted string is still LWS.
+    data = (
+        b"INVITE sip:b@h SIP/2.0\r\n"
+        b"Via: SIP/2.0/UDP h;branch=z9hG4bK1\r\n"
+        b"To: <sip:b@h>\r\n"
+        b'From: "a\r\n b" <sip:a@h>;tag=1;x="p\r\n q"\r\n'
+        b"Call-ID: c1\r\n"
+        b"CSeq: 1 INVITE\r\n"
+        b'Contact: "c\r\n\td" <sip:c@h>\r\n'
+        b'Route: "r\r\n r" <sip:r@h;lr>\r\n'
+        b"\r\n"
+    )
+    msg = req(data)
+    assert msg.from_addr.display == "a b" and msg.from_addr.params["x"] == '"p q"'
+    assert msg.contacts[0].display == "c d"
+    assert msg.routes[0].display == "r r"
+
+
 def test_list_headers_split_outside_quotes_and_angle_brackets() -> None:
     data = minimal(
         b'Contact: "Doe, John" <sip:j@h;a=1,2>;q=0.5, <sip:k@h>\r\n'
