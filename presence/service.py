@@ -31,7 +31,9 @@ Theory of operation
 * *State changes*: every :class:`~sipcore.location.ContactRegistered`, ``ContactRemoved`` and
   ``ContactExpired`` of a watched AoR sends each of its watchers a NOTIFY with the full
   current document at once -- the events fire right after the registrar's 200 OK, so watchers
-  learn within the round trip of the NOTIFY.  Hiding and unhiding notify too.
+  learn within the round trip of the NOTIFY.  Hiding and unhiding notify too.  A registration
+  made through another node or worker process arrives as ``ContactsReloaded`` (the location
+  service reloading that AoR after its notification) and notifies this node's watchers.
 * *Expiry*: one timer per subscription; when it fires the watcher gets a
   ``terminated;reason=timeout`` NOTIFY (RFC 6665 §4.2.2) and the subscription is removed.
   A NOTIFY answered 481, or that times out or cannot be sent, removes the subscription too
@@ -66,7 +68,13 @@ from presence.pidf import CONTENT_TYPE, Basic, pidf_document
 from presence.settings import PresenceSettings
 from sipcore.errors import SipParseError
 from sipcore.headers import split_values
-from sipcore.location import ContactExpired, ContactRegistered, ContactRemoved, LocationService
+from sipcore.location import (
+    ContactExpired,
+    ContactRegistered,
+    ContactRemoved,
+    ContactsReloaded,
+    LocationService,
+)
 from sipcore.message import Request
 from sipcore.pipeline import RequestContext, Stage
 from sipcore.registrar import canonical_aor
@@ -333,7 +341,9 @@ class Presence:
         return True
 
     # ------------------------------------------------------------------ notifying
-    def on_location(self, event: ContactRegistered | ContactRemoved | ContactExpired) -> None:
+    def on_location(
+        self, event: ContactRegistered | ContactRemoved | ContactExpired | ContactsReloaded
+    ) -> None:
         self.notify_watchers(event.aor)
 
     def notify_watchers(self, presentity: str) -> int:
@@ -570,6 +580,8 @@ async def setup(ctx: AppContext) -> Presence:
     ctx.events.subscribe(ContactRegistered, presence.on_location)
     ctx.events.subscribe(ContactRemoved, presence.on_location)
     ctx.events.subscribe(ContactExpired, presence.on_location)
+    # Registrations made through another node or worker process reach this node's watchers.
+    ctx.events.subscribe(ContactsReloaded, presence.on_location)
 
     def aor_param(text: str) -> str:
         try:

@@ -46,7 +46,8 @@ If the listening connection is lost, a new one is opened and everything is reloa
 
 Events are emitted by the node that made the change: the registrar emits the events of its
 REGISTER after it has answered (:meth:`BindingChange.events`), this service emits those of
-expiry and administrative removal.  Reloads caused by other nodes emit nothing.
+expiry and administrative removal.  A reload caused by another node that changes which contacts
+an AoR has emits only :class:`ContactsReloaded` (for per-node state such as presence watchers).
 """
 
 from __future__ import annotations
@@ -240,7 +241,20 @@ class ContactExpired:
     binding: Binding
 
 
-LocationEvent = ContactRegistered | ContactRefreshed | ContactRemoved | ContactExpired
+@dataclass(frozen=True, slots=True)
+class ContactsReloaded:
+    """Another node (or worker process) changed which contacts the AoR has, seen here by
+    reloading it after its ``location_changed`` notification. ``bindings`` are the new set.
+    It does not repeat that node's events (msilo must deliver once); it lets state that is
+    per node, such as presence subscriptions, follow changes made elsewhere."""
+
+    aor: str
+    bindings: tuple[Binding, ...]
+
+
+LocationEvent = (
+    ContactRegistered | ContactRefreshed | ContactRemoved | ContactExpired | ContactsReloaded
+)
 
 
 class LocationWriteError(Exception):
@@ -751,7 +765,14 @@ class LocationService:
         log.info("event=location_loaded aors=%d bindings=%d", len(self._by_aor), self._count)
         return self._count
 
-    def _replace_all(self, rows: Iterable[Any]) -> None:
+    def _announce_reload(
+        self, aor: str, before: tuple[Binding, ...], after: tuple[Binding, ...]
+    ) -> None:
+        """ContactsReloaded when a reload changed the AoR's contacts (not for a refresh)."""
+        if {b.contact for b in before} != {b.contact for b in after}:
+            self.bus.emit(ContactsReloaded(aor, after))
+
+    def _replace_all(self, rows: Iterable[Any], *, announce: bool = False) -> None:
         grouped: dict[str, list[Binding]] = {}
         for row in rows:
             b = self.binding_from_row(row)
@@ -762,10 +783,16 @@ class LocationService:
                 b.aor = group[0].aor  # one string per AoR
                 group.append(b)
         for aor in [a for a in self._by_aor if a not in grouped and a not in self._inflight]:
+            before = self._by_aor.get(aor, ())
             self._install(aor, ())
+            if announce:
+                self._announce_reload(aor, before, ())
         for aor, bindings in grouped.items():
             if aor not in self._inflight:
+                before = self._by_aor.get(aor, ())
                 self._install(aor, tuple(bindings))
+                if announce:
+                    self._announce_reload(aor, before, self._by_aor.get(aor, ()))
         self._arm_expiry()
 
     # ------------------------------------------------------------------------- other nodes
@@ -810,7 +837,9 @@ class LocationService:
                     bindings = tuple(self.binding_from_row(r) for r in rows)
                     for b in bindings:
                         b.aor = aor
+                    before = self._by_aor.get(aor, ())
                     self._install(aor, bindings)
+                    self._announce_reload(aor, before, bindings)
                     self._arm_expiry()
                     self.stats["reloads"] += 1
                 except Exception as exc:
@@ -853,7 +882,7 @@ class LocationService:
                 "ORDER BY aor, received_at",
                 self.clock(),
             )
-        self._replace_all(rows)
+        self._replace_all(rows, announce=True)
         self.stats["resyncs"] += 1
 
     def _spawn(self, coro: Any) -> None:

@@ -16,6 +16,7 @@ from sipcore.location import (
     BindingChange,
     ContactExpired,
     ContactRemoved,
+    ContactsReloaded,
     LocationService,
     LocationWriteError,
     aor_of,
@@ -333,8 +334,13 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
     pool_a = await asyncpg.create_pool(db_dsn, min_size=1, max_size=3)
     pool_b = await asyncpg.create_pool(db_dsn, min_size=1, max_size=3)
     assert pool_a is not None and pool_b is not None
-    node_a = LocationService(pool_a, EventBus())
-    node_b = LocationService(pool_b, EventBus())
+    bus_a, bus_b = EventBus(), EventBus()
+    reloaded_a: list[ContactsReloaded] = []
+    reloaded_b: list[ContactsReloaded] = []
+    bus_a.subscribe(ContactsReloaded, reloaded_a.append)
+    bus_b.subscribe(ContactsReloaded, reloaded_b.append)
+    node_a = LocationService(pool_a, bus_a)
+    node_b = LocationService(pool_b, bus_b)
     await node_a.load()
     await node_b.load()
     await node_a.listen()
@@ -346,8 +352,17 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
         await _until(lambda: len(node_b.lookup(aor)) == 1)
         assert node_b.lookup(aor)[0].contact == "sip:i@1"
         assert node_a.stats["reloads"] == 0  # its own notification was recognised
+        # Node b's watchers (presence) hear of the new contact; node a raised its own events.
+        assert [(e.aor, [x.contact for x in e.bindings]) for e in reloaded_b] == [
+            (aor, ["sip:i@1"])]
+        # A refresh changes no contact: reloaded, but nothing announced.
+        reloads = node_b.stats["reloads"]
+        await node_a.update(aor, add(binding(aor, "sip:i@1", expires_in=900)))
+        await _until(lambda: node_b.stats["reloads"] > reloads)
+        assert len(reloaded_b) == 1
         await node_b.remove(aor)
         await _until(lambda: node_a.lookup(aor) == ())
+        assert [(e.aor, e.bindings) for e in reloaded_a] == [(aor, ())]
     finally:
         await node_a.close()
         await node_b.close()
