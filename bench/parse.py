@@ -8,7 +8,10 @@ Prints microseconds per operation for what a stateful proxy does with each messa
 * parse a 200 OK and ``Response.forward`` it (drop the top Via).
 
 Run: ``.venv/bin/python bench/parse.py`` (about 10 s; best of several repeats is reported,
-which is the figure least disturbed by other processes on a shared machine).
+which is the figure least disturbed by other processes on a shared machine).  The first line
+says which parser ran: the C accelerator for common-shape messages (sipcore/_fastparse.c, built
+by ``make install`` where a C compiler exists) or the pure-Python one
+(``SIPBILL_PURE_PYTHON=1 .venv/bin/python bench/parse.py`` measures that one).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sipcore.message import Request, Response, parse_message
+from sipcore.message import ACCELERATED, Request, Response, parse_message
 
 INVITE = (
     b"INVITE sip:bob@biloxi.example.com SIP/2.0\r\n"
@@ -132,7 +135,8 @@ def main() -> None:
         for k, (_label, func) in enumerate(cases):
             elapsed = timeit.timeit(func, number=number)
             best[k] = min(best[k], elapsed / number * 1e6)
-    print(f"Python {sys.version.split()[0]}; best of 25 interleaved rounds of {number}")
+    parser = "C accelerator (sipcore._fastparse)" if ACCELERATED else "pure Python"
+    print(f"Python {sys.version.split()[0]}; {parser}; best of 25 interleaved rounds of {number}")
     for (label, _func), micros in zip(cases, best, strict=True):
         print(f"{label:<62} {micros:7.2f} µs")
 
