@@ -39,6 +39,8 @@ from billing.ledger import DisplayBalance, Ledger
 
 CHANNEL: Final = "billing_account_changed"
 
+_ABSENT: Final[Any] = object()
+
 Listener: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 
@@ -48,7 +50,10 @@ class BalanceCache:
     def __init__(self, ledger: Ledger, *, max_entries: int = 100_000) -> None:
         self.ledger = ledger
         self.max_entries = max_entries
-        self._entries: dict[tuple[str, str], DisplayBalance | None] = {}
+        # domain -> username -> shown: a few domains, so no key tuple per subscriber (memory
+        # per registered phone is a target of its own).
+        self._entries: dict[str, dict[str, DisplayBalance | None]] = {}
+        self._size = 0
         self._by_account: dict[int, set[tuple[str, str]]] = {}
         self._generation = 0  # notifications seen; a read spanning one is not stored
         self._listening = False
@@ -60,7 +65,7 @@ class BalanceCache:
         return self._listening
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._size
 
     async def attach(self, conn: Listener) -> None:
         """LISTEN on ``conn`` (the owner's listening connection; the owner calls
@@ -83,24 +88,33 @@ class BalanceCache:
     async def display_balance(self, username: str, domain: str) -> DisplayBalance | None:
         """The subscriber's shown balance (None without an account). Database errors of a
         miss propagate, as from :meth:`Ledger.display_balance`."""
-        key = (username, domain)
-        if key in self._entries:
+        users = self._entries.get(domain)
+        if users is not None and username in users:
             self.stats["hits"] += 1
-            return self._entries[key]
+            return users[username]
         self.stats["misses"] += 1
         generation = self._generation
         shown = await self.ledger.display_balance(username, domain)
         if self._listening and generation == self._generation:
-            if len(self._entries) >= self.max_entries:
+            if self._size >= self.max_entries:
                 self._clear()
-            self._entries[key] = shown
+            users = self._entries.setdefault(domain, {})
+            if username not in users:
+                self._size += 1
+            users[username] = shown
             if shown is not None:
-                self._by_account.setdefault(shown.account_id, set()).add(key)
+                self._by_account.setdefault(shown.account_id, set()).add((username, domain))
         return shown
+
+    def _forget(self, username: str, domain: str) -> None:
+        users = self._entries.get(domain)
+        if users is not None and users.pop(username, _ABSENT) is not _ABSENT:
+            self._size -= 1
 
     def _clear(self) -> None:
         self._entries.clear()
         self._by_account.clear()
+        self._size = 0
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         self._generation += 1
@@ -112,7 +126,7 @@ class BalanceCache:
         except ValueError:
             self._clear()
             return
-        for key in self._by_account.pop(account_id, ()):
-            self._entries.pop(key, None)
+        for username, domain in self._by_account.pop(account_id, ()):
+            self._forget(username, domain)
         if len(fields) == 3:
-            self._entries.pop((fields[1], fields[2]), None)
+            self._forget(fields[1], fields[2])
