@@ -229,7 +229,8 @@ class SipbillServer(Server):
     MODULES = ("billing", "msilo", "presence", "clicktodial")
 
     def __init__(self, workdir: Path, n_users: int, dsn: str | None, workers: int,
-                 core_only: bool = False) -> None:
+                 core_only: bool = False, spread: bool = False) -> None:
+        self.spread = spread
         self.name = ("sipbill" + (" core only" if core_only else "")
                      + (f" ({workers} workers)" if workers > 1 else ""))
         self.workdir = workdir
@@ -322,7 +323,11 @@ check_uri = false
 # must not lock SIPp out for the steps after it.
 source_failure_limit = 1000
 user_failure_limit = 0
-""" + "".join(
+""" + ("""
+[registrar]
+# --spread: every REGISTER comes from a new SIPp socket, so a new contact.
+max_contacts = 100
+""" if self.spread else "") + "".join(
             # --core-only: registrar, location and proxy without the product's modules (the
             # balance lookup on every REGISTER, free-call records, offline messages ...), the
             # same job as the Kamailio configuration does.
@@ -607,7 +612,7 @@ class Uas:
         # Registered by SIPp from the very port the UAS will answer on, so the binding's source
         # address (RFC 3581) is the UAS, as in tests/sipcore/test_e2e_sipp.py.
         reg = run_sipp(srv, "register_auth.xml", self.dir, ["-inf", str(csv)], rate=1, calls=1,
-                       timeout=15, local_port=self.port)
+                       timeout=15, local_port=self.port, spread=False)
         if reg.returncode != 0:
             raise RuntimeError(f"{username} did not register: {reg.stdout[-2000:]}")
         self.stat = self.dir / "uas_stat.csv"
@@ -634,11 +639,19 @@ class Uas:
                 self.proc.wait()
 
 
+#: ``--spread``: SIPp transport ``un`` (a UDP socket per call) instead of ``u1`` (one socket),
+#: so a server whose workers share the port with SO_REUSEPORT (hashed by source address) gets
+#: the calls spread over its workers instead of all on one.
+SPREAD = {"on": False}
+
+
 def run_sipp(srv: Server, scenario: str, workdir: Path, args: Sequence[str], *, rate: float,
              calls: int, timeout: float, local_port: int | None = None,
-             rtt: bool = False) -> subprocess.CompletedProcess[str]:
+             rtt: bool = False, spread: bool = True) -> subprocess.CompletedProcess[str]:
+    spread = spread and SPREAD["on"]
+    transport = ["-t", "un", "-max_socket", "5000"] if spread else ["-t", "u1"]
     cmd = ["sipp", f"{srv.host}:{srv.port}", "-sf", str(SCENARIOS / scenario),
-           "-i", "127.0.0.1", "-p", str(local_port or free_port()), "-t", "u1",
+           "-i", "127.0.0.1", "-p", str(local_port or free_port()), *transport,
            "-r", str(rate), "-m", str(calls), "-l", str(max(100, int(rate * 30))),
            "-timeout", f"{int(timeout)}s", "-nostdin",
            "-trace_stat", "-stf", str(workdir / "stat.csv"), "-fd", "1",
@@ -956,6 +969,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="sipbill without its modules (billing, msilo, presence, clicktodial)")
     ap.add_argument("--workers", type=int, default=0,
                     help="sipbill server.workers / Kamailio children (default 1 / 2)")
+    ap.add_argument("--spread", action=argparse.BooleanOptionalAction, default=None,
+                    help="a UDP socket per SIPp call (-t un) so SO_REUSEPORT workers share the "
+                         "load (default: on with sipbill --workers > 1); REGISTERs then add "
+                         "a contact per call, so the server allows 100 per AoR")
     ap.add_argument("--quick", action="store_true", help="a smoke run of about 2 minutes")
     ap.add_argument("--scenarios", default=",".join(ALL_SCENARIOS))
     ap.add_argument("--users", type=int, default=1000, help="users cycled by the load")
@@ -1016,7 +1033,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.kamailio:
         srv = KamailioServer(workdir, n_users, args.workers or 2)
     else:
-        srv = SipbillServer(workdir, n_users, args.dsn, args.workers or 1, args.core_only)
+        if args.spread is None:
+            args.spread = args.workers > 1
+        srv = SipbillServer(workdir, n_users, args.dsn, args.workers or 1, args.core_only,
+                            spread=args.spread)
+    SPREAD["on"] = bool(args.spread)
     uases: list[Uas] = []
     results: list[ScenarioResult] = []
     memory: list[MemoryPoint] = []
