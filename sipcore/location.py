@@ -41,7 +41,9 @@ raised once.
 
 *Other nodes* (and the worker processes of one node) learn of changes by ``NOTIFY
 location_changed`` with the AoR as payload, sent by the flush in its own transaction, and reload
-that AoR.  Notifications from our own flushes are recognised by the backend pid and skipped.
+that AoR.  A plain refresh (same contacts from the same source and Call-ID: most REGISTERs)
+carries its new expiry, CSeq and time in the payload and is applied without a query.
+Notifications from our own flushes are recognised by the backend pid and skipped.
 If the listening connection is lost, a new one is opened and everything is reloaded.
 
 Events are emitted by the node that made the change: the registrar emits the events of its
@@ -357,6 +359,8 @@ _SELECT_COLUMNS: Final = """
 # Strings repeated across many bindings (transport names, user agents) are shared, not copied
 # per binding: the memory target is < 1 KB per binding.
 _SHARED_MAX: Final = 4096
+#: Longest ``location_changed`` payload sent (PostgreSQL allows 8,000 bytes).
+_NOTICE_MAX: Final = 7000
 
 
 class _AorLock:
@@ -428,6 +432,7 @@ class LocationService:
             "flush_errors": 0,
             "expired": 0,
             "reloads": 0,
+            "remote_refreshes": 0,
             "resyncs": 0,
         }
 
@@ -604,8 +609,31 @@ class LocationService:
                 e_contact.append(b.contact)
                 e_expires.append(b.expires_at)
             if self.notify:
-                notify.append(op.aor)
+                notify.append(self._notice(op))
         return [*up, d_aor, d_contact, all_aor, e_aor, e_contact, e_expires, notify]
+
+    def _notice(self, op: _Op) -> str:
+        """The ``location_changed`` payload for ``op``: the AoR (other nodes reload it), or
+        for a plain refresh -- the same contacts from the same place, only expiry, CSeq and
+        time received new, which is most REGISTERs -- the AoR followed by those fields, so
+        other nodes apply it without a query (``aor TAB R (TAB contact TAB expires_at TAB
+        cseq TAB received_at)...``)."""
+        change = op.change
+        if (change is None or op.expired or change.added or change.removed
+                or change.remove_all or not change.refreshed or "\t" in op.aor):
+            return op.aor
+        before = {b.contact: b for b in self._by_aor.get(op.aor, ())}
+        parts = [op.aor, "R"]
+        for b in change.refreshed:
+            old = before.get(b.contact)
+            if (old is None or "\t" in b.contact or old.call_id != b.call_id
+                    or old.source != b.source or old.q != b.q or old.path != b.path
+                    or old.user_agent != b.user_agent or old.instance != b.instance
+                    or old.reg_id != b.reg_id):
+                return op.aor
+            parts += (b.contact, repr(b.expires_at), str(b.cseq), repr(b.received_at))
+        text = "\t".join(parts)
+        return text if len(text.encode()) < _NOTICE_MAX else op.aor
 
     def _commit(self, batch: list[_Op], deleted: set[tuple[str, str]]) -> None:
         for op in batch:
@@ -810,12 +838,39 @@ class LocationService:
     def _on_notify(self, _conn: object, pid: int, _channel: str, payload: object) -> None:
         if pid in self._own_pids or self._closed:
             return
-        aor = str(payload)
+        aor, _, refresh = str(payload).partition("\t")
         if aor in self._reloads:
             self._reloads[aor] = True
             return
+        if refresh and self._apply_refresh(aor, refresh):
+            self.stats["remote_refreshes"] += 1
+            return
         self._reloads[aor] = False
         self._spawn(self._reload(aor))
+
+    def _apply_refresh(self, aor: str, text: str) -> bool:
+        """Apply another node's plain refresh (see :meth:`_notice`) in memory; False when it
+        does not fit what is here (then the AoR is reloaded)."""
+        fields = text.split("\t")
+        if fields[0] != "R" or len(fields) % 4 != 1 or aor in self._inflight:
+            return False
+        current = self._by_aor.get(aor, ())
+        by_contact = {b.contact: b for b in current}
+        try:
+            for i in range(1, len(fields), 4):
+                old = by_contact.get(fields[i])
+                if old is None:
+                    return False
+                new = Binding(old.aor, old.contact, old.source, float(fields[i + 1]), q=old.q,
+                              call_id=old.call_id, cseq=int(fields[i + 2]), path=old.path,
+                              user_agent=old.user_agent, instance=old.instance,
+                              reg_id=old.reg_id, received_at=float(fields[i + 3]))
+                by_contact[new.contact] = new
+        except ValueError:
+            return False
+        self._install(aor, tuple(by_contact[b.contact] for b in current))
+        self._arm_expiry()
+        return True
 
     async def _reload(self, aor: str) -> None:
         """Replace ``aor``'s bindings by what the database holds now (no events)."""

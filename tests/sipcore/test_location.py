@@ -355,11 +355,25 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
         # Node b's watchers (presence) hear of the new contact; node a raised its own events.
         assert [(e.aor, [x.contact for x in e.bindings]) for e in reloaded_b] == [
             (aor, ["sip:i@1"])]
-        # A refresh changes no contact: reloaded, but nothing announced.
+        # A plain refresh changes no contact: applied from the notification itself (no
+        # query), nothing announced.
         reloads = node_b.stats["reloads"]
-        await node_a.update(aor, add(binding(aor, "sip:i@1", expires_in=900)))
+        first = node_a.lookup(aor)[0]
+        fresh = Binding(aor, "sip:i@1", first.source, first.expires_at + 600,
+                        call_id=first.call_id, cseq=first.cseq + 1,
+                        received_at=first.received_at + 1.5)
+        await node_a.update(aor, lambda cur: BindingChange((fresh,), refreshed=(fresh,)))
+        await _until(lambda: node_b.stats["remote_refreshes"] == 1)
+        (seen,) = node_b.lookup(aor)
+        assert (seen.expires_at, seen.cseq, seen.received_at, seen.call_id, seen.source) == (
+            fresh.expires_at, fresh.cseq, fresh.received_at, fresh.call_id, fresh.source)
+        assert node_b.stats["reloads"] == reloads and len(reloaded_b) == 1
+        # A refresh from a new source (a NAT rebinding) is reloaded: everything is re-read.
+        moved = Binding(aor, "sip:i@1", Peer("UDP", "192.0.2.77", 4000), fresh.expires_at,
+                        call_id=fresh.call_id, cseq=fresh.cseq + 1)
+        await node_a.update(aor, lambda cur: BindingChange((moved,), refreshed=(moved,)))
         await _until(lambda: node_b.stats["reloads"] > reloads)
-        assert len(reloaded_b) == 1
+        assert node_b.lookup(aor)[0].source == moved.source and len(reloaded_b) == 1
         await node_b.remove(aor)
         await _until(lambda: node_a.lookup(aor) == ())
         assert [(e.aor, e.bindings) for e in reloaded_a] == [(aor, ())]
