@@ -23,8 +23,15 @@ RUN groupadd --system sipbill \
 
 WORKDIR /opt/sipbill
 COPY . /opt/sipbill
-RUN python -m pip install --upgrade pip \
+# gcc only for the build: the parser's optional C accelerator (sipcore/_fastparse.c, about 3x
+# faster parsing) is compiled, then the compiler is removed again.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && python -m pip install --upgrade pip \
     && python -m pip install . \
+    && (cd / && python -c "import sipcore._fastparse") \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/* \
     && install -m 0644 config/docker.toml /etc/sipbill/sipbill.toml
 
 # Data: embedded PostgreSQL (when no SIPBILL_DATABASE_URL), nonce secret, control socket.
