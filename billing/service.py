@@ -65,7 +65,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import socket
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
@@ -652,14 +651,10 @@ def rates_csv_path(rates_csv: str, config_dir: Path | None) -> Path:
 
 
 def node_name(ctx: AppContext) -> str:
-    """This server across restarts: host name and first SIP listen address (a restarted
-    server is the same node; two servers on one host are not), and the worker number of a
-    server with several worker processes (each settles its own calls, and a restarted worker
-    recovers only those of its earlier incarnation)."""
-    listen = ctx.identity.listen
-    where = f"{listen[0][1]}:{listen[0][2]}" if listen else "-"
-    worker = ctx.services.get("worker_index", 0)
-    return f"{socket.gethostname()}/{where}" + (f"/w{worker}" if worker else "")
+    """This server process across restarts (:attr:`AppContext.node_name`): each worker
+    settles its own calls, and a restarted one recovers only those of its earlier
+    incarnation."""
+    return ctx.node_name
 
 
 async def setup(ctx: AppContext) -> None:

@@ -47,9 +47,12 @@ Theory of operation
   SUBSCRIBE came from (the watcher or its edge proxy, RFC 3581 style) along the dialog's
   route set to the watcher's Contact.
 
-Scope: subscriptions live in the process that accepted them; with several nodes or workers a
-registration handled elsewhere raises its events there, so a watcher learns of it only on
-the next refresh or restart of its notifier.
+Scope: subscriptions live in the process that accepted them (in-dialog SUBSCRIBEs reach it by
+the worker tag of its Contact), stored with its node name (``AppContext.node_name``: host, SIP
+address, worker); a restarted process loads only its own, and worker 0 claims rows stored
+before they had an owner. A registration handled by another node or worker reaches this
+one's watchers as ``ContactsReloaded``. The subscriptions of a node that never comes back
+are not taken over: their watchers re-subscribe when they expire.
 """
 
 from __future__ import annotations
@@ -150,8 +153,12 @@ class Presence:
     def __init__(self, settings: PresenceSettings, pool: asyncpg.Pool,
                  location: LocationService, subscribers: SubscriberStore,
                  uac: UserAgentClient, *, domains: Iterable[str],
-                 aliases: Mapping[str, str], clock: Any = time.time) -> None:
+                 aliases: Mapping[str, str], node: str = "", claim_unowned: bool = True,
+                 clock: Any = time.time) -> None:
         self.settings = settings
+        #: The server process serving the subscriptions this one creates and loads.
+        self.node = node
+        self.claim_unowned = claim_unowned
         self.pool = pool
         self.location = location
         self.subscribers = subscribers
@@ -478,28 +485,33 @@ class Presence:
                 """
                 INSERT INTO presence_subscriptions (call_id, remote_tag, local_tag, presentity,
                     presentity_uri, watcher, watcher_from, remote_target, route_set, transport,
-                    peer_host, peer_port, event_id, remote_cseq, expires_at)
+                    peer_host, peer_port, event_id, remote_cseq, expires_at, node)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14,
-                        to_timestamp($15::float8))
+                        to_timestamp($15::float8), $16)
                 ON CONFLICT (call_id, remote_tag, local_tag) DO UPDATE SET
                     remote_target = EXCLUDED.remote_target, remote_cseq = EXCLUDED.remote_cseq,
-                    expires_at = EXCLUDED.expires_at
+                    expires_at = EXCLUDED.expires_at, node = EXCLUDED.node
                 """,
                 sub.call_id, sub.remote_tag, sub.local_tag, sub.presentity, sub.presentity_uri,
                 sub.watcher, sub.watcher_from, sub.remote_target, ", ".join(sub.route_set),
                 sub.peer.transport, sub.peer.host, sub.peer.port, sub.event_id,
-                sub.remote_cseq, sub.expires_at)
+                sub.remote_cseq, sub.expires_at, self.node)
 
     async def load(self) -> int:
-        """Start-up: the hidden set and the unexpired subscriptions (each gets a NOTIFY)."""
+        """Start-up: the hidden set and the unexpired subscriptions this server process
+        serves (``node``; each gets a NOTIFY). With ``claim_unowned`` it first takes over the
+        rows written before subscriptions had an owner."""
         now = self.clock()
         async with self.pool.acquire() as conn:
             hidden = await conn.fetch("SELECT aor FROM presence_hidden")
             await conn.execute(
                 "DELETE FROM presence_subscriptions WHERE expires_at <= to_timestamp($1)", now)
+            if self.claim_unowned and self.node:
+                await conn.execute(
+                    "UPDATE presence_subscriptions SET node = $1 WHERE node = ''", self.node)
             rows = await conn.fetch(
                 "SELECT *, extract(epoch FROM expires_at)::float8 AS expires_epoch "
-                "FROM presence_subscriptions")
+                "FROM presence_subscriptions WHERE node = $1", self.node)
         self.hidden = {r["aor"] for r in hidden}
         for r in rows:
             sub = Subscription(
@@ -570,7 +582,8 @@ async def setup(ctx: AppContext) -> Presence:
     uac = UserAgentClient(ctx.stack, ctx.identity, user_agent=ctx.settings.server.user_agent)
     presence = Presence(settings, ctx.pool, ctx.location, ctx.subscribers, uac,
                         domains=ctx.settings.server.domains,
-                        aliases=ctx.settings.server.domain_aliases)
+                        aliases=ctx.settings.server.domain_aliases, node=ctx.node_name,
+                        claim_unowned=ctx.services.get("worker_index", 0) == 0)
     loaded = await presence.load()
     log.info("event=presence_loaded subscriptions=%d hidden=%d", loaded, len(presence.hidden))
     ctx.pipeline.add(Stage.IN_DIALOG, presence.on_in_dialog, methods={"SUBSCRIBE"},

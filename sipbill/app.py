@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -84,6 +85,17 @@ class AppContext:
     started_at: float = field(default_factory=time.time)
     shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def node_name(self) -> str:
+        """This server process across restarts: host name and first SIP listen address (a
+        restarted server is the same node; two servers on one host are not), and the worker
+        number of a server with several worker processes. Modules that keep per-node state
+        in the shared database (billing's calls, presence's subscriptions) label it so."""
+        listen = self.identity.listen
+        where = f"{listen[0][1]}:{listen[0][2]}" if listen else "-"
+        worker = self.services.get("worker_index", 0)
+        return f"{socket.gethostname()}/{where}" + (f"/w{worker}" if worker else "")
 
 
 class Application:

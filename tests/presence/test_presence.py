@@ -141,7 +141,7 @@ class Rig:
         return b
 
 
-async def _rigs(pool: asyncpg.Pool, watcher_port: int = 0,
+async def _rigs(pool: asyncpg.Pool, watcher_port: int = 0, node: str = "",
                 **settings: Any) -> AsyncGenerator[Rig, None]:
     loop = asyncio.get_running_loop()
     stack = SipStack(lambda st: Transports(st),
@@ -154,7 +154,8 @@ async def _rigs(pool: asyncpg.Pool, watcher_port: int = 0,
     for user in ("alice", "bob", "carol"):
         await subscribers.ensure(user, DOMAIN, "pw")
     presence = Presence(PresenceSettings(**settings), pool, location, subscribers,
-                        UserAgentClient(stack, Identity(addr)), domains=[DOMAIN], aliases={})
+                        UserAgentClient(stack, Identity(addr)), domains=[DOMAIN], aliases={},
+                        node=node, claim_unowned=not node.endswith("/w1"))
     await presence.load()
     try:
         yield Rig(presence, location, watcher)
@@ -332,6 +333,36 @@ async def test_subscriptions_and_hiding_survive_a_restart(db_pool: asyncpg.Pool,
         assert again.cseq.number > first.cseq.number
     finally:
         await rigs.aclose()
+
+
+async def test_a_restart_loads_only_the_subscriptions_of_its_own_node(
+        db_pool: asyncpg.Pool, clean: None) -> None:
+    """With several worker processes (or nodes) each serves the subscriptions it accepted: a
+    restarted worker must not NOTIFY, and later expire, another one's watchers."""
+    rigs = _rigs(db_pool, node="host/127.0.0.1:5060/w1")
+    rig = await rigs.__anext__()
+    await rig.presence.on_subscribe(rig.subscribe())
+    await rig.watcher.wait_for(1)
+    port = rig.watcher.peer.port
+    (ours,) = rig.presence.subscriptions
+    await rigs.aclose()
+    async with db_pool.acquire() as conn:
+        assert await conn.fetchval("SELECT node FROM presence_subscriptions") == (
+            "host/127.0.0.1:5060/w1")
+        # A row from before subscriptions had an owner: worker 0 claims it.
+        await conn.execute(
+            "CREATE TEMP TABLE copy AS SELECT * FROM presence_subscriptions; "
+            "UPDATE copy SET local_tag = 'old', node = ''; "
+            "INSERT INTO presence_subscriptions SELECT * FROM copy; DROP TABLE copy")
+
+    for node, expected in (("host/127.0.0.1:5060", "old"),
+                           ("host/127.0.0.1:5060/w1", ours[2])):
+        rigs = _rigs(db_pool, watcher_port=port, node=node)
+        rig = await rigs.__anext__()
+        try:
+            assert [key[2] for key in rig.presence.subscriptions] == [expected], node
+        finally:
+            await rigs.aclose()
 
 
 async def test_rapid_changes_notify_in_order_and_end_with_the_latest_state(rig: Rig) -> None:
