@@ -6,6 +6,8 @@ The server runs as a subprocess started exactly as an operator would (``sipbill 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,6 +174,22 @@ class ServerProcess:
     def cleanup(self) -> None:
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+#: Auth settings the SIPp 3.6 scenarios (and baresip) can pass: SIPp answers only an MD5
+#: challenge and puts the server's address into the digest uri.
+SIPP_AUTH: dict[str, Any] = {"auth": {"algorithms": ["MD5"], "check_uri": False}}
+
+
+@contextlib.contextmanager
+def running_server(dsn: str, extra: dict[str, Any] | None = None) -> Iterator[ServerProcess]:
+    """A started ``sipbill serve`` with config ``extra`` (copied), cleaned up afterwards."""
+    srv = ServerProcess(dsn, extra=copy.deepcopy(extra or {}))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
 
 
 @dataclass

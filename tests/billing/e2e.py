@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from decimal import ROUND_CEILING, Decimal
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import asyncpg
 
@@ -73,7 +73,27 @@ def users_csv(directory: Path, user: str) -> Path:
     return path
 
 
-class Uas:
+class _SippProcess:
+    """A SIPp process in the background, killed when the ``with`` block ends."""
+
+    proc: subprocess.Popen[str]
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class Uas(_SippProcess):
     """A SIPp UAS (sipp-scenarios/uas.xml by default) answering on ``port``."""
 
     def __init__(self, port: int, calls: int = 1, scenario: str = "uas.xml",
@@ -85,20 +105,6 @@ class Uas:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
         time.sleep(0.3)  # bound before the first INVITE arrives
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> Uas:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def run_db(dsn: str, work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
@@ -181,7 +187,7 @@ def settled_cdr(dsn: str, caller: str, timeout: float = 10.0) -> dict[str, Any]:
     return last_cdr(dsn, caller)
 
 
-class Uac:
+class Uac(_SippProcess):
     """A SIPp caller running in the background (e.g. billing_uac_cut.xml, waiting for BYE)."""
 
     def __init__(self, scenario: str, server_port: int, inf: Path, service: str,
@@ -192,20 +198,6 @@ class Uac:
              "-m", "1", "-nostdin", "-timeout", f"{timeout}s", "-timeout_error", *extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def __enter__(self) -> Uac:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def answered_reservation(dsn: str, caller: str) -> bool:

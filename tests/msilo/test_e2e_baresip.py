@@ -16,7 +16,7 @@ import pytest
 
 from sipbill.ctlclient import ControlClient
 from tests.baresip import BARESIP, Baresip
-from tests.support import SCENARIOS, ServerProcess, run_sipp
+from tests.support import SCENARIOS, SIPP_AUTH, ServerProcess, run_sipp, running_server
 
 
 def test_baresip_is_installed() -> None:
@@ -27,12 +27,8 @@ def test_baresip_is_installed() -> None:
 
 @pytest.fixture(scope="module")
 def server(db_dsn: str) -> Iterator[ServerProcess]:
-    srv = ServerProcess(db_dsn, extra={"auth": {"algorithms": ["MD5"], "check_uri": False}})
-    srv.start()
-    try:
+    with running_server(db_dsn, SIPP_AUTH) as srv:
         yield srv
-    finally:
-        srv.cleanup()
 
 
 def ctl(server: ServerProcess, method: str, **params: object) -> object:

@@ -10,24 +10,14 @@ from pathlib import Path
 import pytest
 
 from sipbill.ctlclient import ControlClient
-from tests.baresip import BARESIP, Baresip
-from tests.support import ServerProcess, run_sipp
-
-
-def test_baresip_is_installed() -> None:
-    """baresip is a real UA these tests need (.ci/run installs baresip-core): its absence is
-    a failure, not a skip."""
-    assert BARESIP is not None, "baresip not installed (Debian package baresip-core)"
+from tests.baresip import Baresip
+from tests.support import SIPP_AUTH, ServerProcess, run_sipp, running_server
 
 
 @pytest.fixture(scope="module")
 def server(db_dsn: str) -> Iterator[ServerProcess]:
-    srv = ServerProcess(db_dsn, extra={"auth": {"algorithms": ["MD5"], "check_uri": False}})
-    srv.start()
-    try:
+    with running_server(db_dsn, SIPP_AUTH) as srv:
         yield srv
-    finally:
-        srv.cleanup()
 
 
 def test_baresip_watcher_sees_online_then_offline(server: ServerProcess,

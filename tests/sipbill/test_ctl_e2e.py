@@ -11,17 +11,21 @@ import pytest
 from sipbill.control import ControlError
 from sipbill.ctlclient import ControlClient
 from tests.pjsua import UserAgents
-from tests.support import SCENARIOS, SIPBILL, ServerProcess, free_port, run_sipp
+from tests.support import (
+    SCENARIOS,
+    SIPBILL,
+    SIPP_AUTH,
+    ServerProcess,
+    free_port,
+    run_sipp,
+    running_server,
+)
 
 
 @pytest.fixture(scope="module")
 def server(db_dsn: str) -> Iterator[ServerProcess]:
-    srv = ServerProcess(db_dsn, extra={"auth": {"algorithms": ["MD5"], "check_uri": False}})
-    srv.start()
-    try:
+    with running_server(db_dsn, SIPP_AUTH) as srv:
         yield srv
-    finally:
-        srv.cleanup()
 
 
 def ctl(server: ServerProcess, *args: str) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sipbill.ctlclient import ControlClient
-from tests.support import SCENARIOS, ServerProcess, free_port, run_sipp
+from tests.support import SCENARIOS, SIPP_AUTH, ServerProcess, free_port, run_sipp, running_server
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "config" / "grafana" / "sipbill.json"
 
@@ -21,12 +21,8 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 @pytest.fixture(scope="module")
 def server(db_dsn: str) -> Iterator[ServerProcess]:
-    srv = ServerProcess(db_dsn, extra={"auth": {"algorithms": ["MD5"], "check_uri": False}})
-    srv.start()
-    try:
+    with running_server(db_dsn, SIPP_AUTH) as srv:
         yield srv
-    finally:
-        srv.cleanup()
 
 
 def scrape_text(server: ServerProcess) -> tuple[str, str]:
