@@ -650,13 +650,6 @@ def rates_csv_path(rates_csv: str, config_dir: Path | None) -> Path:
     return path
 
 
-def node_name(ctx: AppContext) -> str:
-    """This server process across restarts (:attr:`AppContext.node_name`): each worker
-    settles its own calls, and a restarted one recovers only those of its earlier
-    incarnation."""
-    return ctx.node_name
-
-
 async def setup(ctx: AppContext) -> None:
     """The module hook: start billing and plug it into the server (module docstring)."""
     from billing.http import BalancePage
@@ -665,8 +658,9 @@ async def setup(ctx: AppContext) -> None:
     settings = ctx.settings.modules.get("billing")
     if not isinstance(settings, BillingSettings):
         settings = BillingSettings()
+    # The node name is per worker: each settles, and after a restart recovers, its own calls.
     service = BillingService(settings, ctx.pool, ctx.proxy, ctx.identity, ctx.location,
-                             node_name=node_name(ctx),
+                             node_name=ctx.node_name,
                              db_timeout=ctx.settings.database.command_timeout)
     default_domain = ctx.settings.server.domains[0]
     seed = [(s.username, s.domain or default_domain) for s in ctx.settings.seed.subscribers]
@@ -691,4 +685,4 @@ async def setup(ctx: AppContext) -> None:
     ctx.services["billing"] = service
 
 
-__all__ = ["BillingService", "node_name", "rates_csv_path", "setup"]
+__all__ = ["BillingService", "rates_csv_path", "setup"]

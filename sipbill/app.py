@@ -235,9 +235,9 @@ class Application:
             self.listening.append(f"control:{s.control_socket_path}")
         for where in self.listening:
             log.info("event=listening address=%s", where)
-        if worker is not None:
+        if worker is not None and self.channel is not None:
             # Ready: the supervisor waits for this socket, and prints the node's banner.
-            self.channel.start()  # type: ignore[union-attr]
+            self.channel.start()
             print(f"sipbill worker {worker.index} (pid {os.getpid()}) listening on "
                   + ", ".join(self.listening), flush=True)
         else:
