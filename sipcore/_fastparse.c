@@ -1,38 +1,47 @@
-/* Optional accelerator for sipcore.message: recognise the common shape of a SIP header block.
+/* Optional accelerator for sipcore.message: recognise a SIP message of the common shape and
+ * build its parsed form directly.
  *
- * scan(data, base, head_end, max_line, max_headers, name_cache) looks at the header block
- * data[base:head_end] and either returns None -- "not the common shape, use the pure-Python
- * parser" -- or everything sipcore.message._parse would have computed for it.  It never
- * rejects anything and never raises for bad input: every verdict (400, 505, 513, ...) stays
- * with the Python code, which sees every message this function declines.  So all it has to
- * guarantee is that for the messages it accepts, its result equals the pure-Python one;
- * tests/sipcore/test_fastparse.py compares the two on the RFC 4475 messages and on
- * generated and mutated ones.
+ * parse(data, stream, max_line, max_headers, max_size, name_cache) either returns None --
+ * "not the common shape, use the pure-Python parser" -- or the Request / Response object
+ * sipcore.message._parse would have built for data, every slot filled as _parse fills it.
+ * It never rejects anything and never raises for bad input: every verdict (400, 413, 505,
+ * 513, ...) stays with the Python code, which sees every message this function declines.  So
+ * all it has to guarantee is that for the messages it accepts, its result equals the
+ * pure-Python one; tests/sipcore/test_fastparse.py compares the two on the RFC 4475
+ * messages and on generated and mutated ones, and bench/fuzz_fastparse.py does the same
+ * under AddressSanitizer and UBSan.
+ *
+ * configure(Request, Response, Via, NameAddr, CSeq) must be called once first: parse()
+ * allocates instances of those classes (tp_alloc, as cls.__new__(cls) does) and stores into
+ * their __slots__ directly, at the offsets of the slots' member descriptors, which
+ * configure() looks up and checks.  That is what makes the accelerator fast: no result
+ * tuple to unpack, no __init__ frames, no attribute lookups per message.
  *
  * What it accepts is a subset of what the regex fast paths in sipcore.headers and
  * sipcore.message accept (same grammar, written out by hand):
+ *   - leading CRLFs skipped; the header block ends at the first empty line, within
+ *     max_size + 4 bytes;
  *   - ASCII only; every CR and LF part of a CRLF; no line longer than max_line; no folding;
  *   - Request-Line  [A-Z]+ SP sips?:[!#-;=@-~]+ SP SIP/2.0
  *     Status-Line   SIP/2.0 SP [1-6][0-9][0-9] SP reason;
- *   - every header name as written (up to its colon) already in name_cache
- *     (sipcore.headers._NAME_CACHE), at most max_headers fields;
+ *   - every header name as written (up to its colon) a known spelling (the table below,
+ *     else an interned entry of name_cache: sipcore.headers._NAME_CACHE), at most
+ *     max_headers fields;
  *   - To, From, Call-ID, CSeq, Via present, the singletons not repeated, and the values of
  *     Call-ID, CSeq (< 10 digits, method equal to the request's), the first Via field (one
  *     value, no typed parameter that needs checking), From, To (<URI> forms, no bare ;tag),
  *     Max-Forwards (<= 255) and Content-Length in the shapes of _CALL_ID_VALUE, _CSEQ_VALUE,
- *     _VIA_VALUE, _NAME_ADDR_VALUE and _DIGITS_VALUE.
- *
- * The result tuple (see _FAST_FIELDS in sipcore/message.py for the names):
- *   (is_response, method | status, uri | reason, lines, names, pos, offs, blens,
- *    call_id, cseq_number, cseq_method,
- *    via_transport, via_host, via_port, via_params,
- *    from_display, from_uri, from_params, to_display, to_uri, to_params,
- *    max_forwards, content_length)
- * offs/blens are byte offsets (from base) and lengths of the header fields, as
- * SipMessage._offsets computes them.
+ *     _VIA_VALUE, _NAME_ADDR_VALUE and _DIGITS_VALUE;
+ *   - a body that Content-Length frames without an error (sipcore.message._set_body).
+ * A lone Route field holding one <URI> value is parsed too (what SipMessage.routes would
+ * cache on first use, since a proxy always reads it); any other Route is left for the lazy
+ * Python accessor, without declining the message.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include "structmember.h" /* T_OBJECT_EX, READONLY (3.11) */
 
 #ifndef SOURCE_HASH
 #define SOURCE_HASH ""
@@ -118,27 +127,48 @@ str_of(const char *p, const char *end)
     return s;
 }
 
-/* Interned strs: header and parameter names the parser compares or stores often (their
- * hashes are computed once). */
-enum {
-    K_TAG,
-    K_BRANCH,
-    K_RPORT,
-    K_RECEIVED,
-    K_MADDR,
-    K_TTL,
-    K_LR,
-    K_TRANSPORT,
-    K_COUNT
-};
+/* ------------------------------------------------------------------ interned strs */
+
+/* Parameter names the parser compares or stores often (their hashes are computed once). */
+enum { K_TAG, K_BRANCH, K_RPORT, K_RECEIVED, K_MADDR, K_TTL, K_LR, K_TRANSPORT, K_COUNT };
 static const char *const key_text[K_COUNT] = {
     "tag", "branch", "rport", "received", "maddr", "ttl", "lr", "transport",
 };
+static Py_ssize_t key_len[K_COUNT];
 static PyObject *keys[K_COUNT];
+
+/* Methods and Via transports as commonly written: the same str object every time instead
+ * of a new one per message (they compare equal to what Python would have sliced). */
+static const char *const method_text[] = {
+    "INVITE", "ACK", "BYE", "CANCEL", "REGISTER", "OPTIONS", "INFO", "PRACK",
+    "UPDATE", "SUBSCRIBE", "NOTIFY", "REFER", "MESSAGE", "PUBLISH",
+};
+#define N_METHODS ((int)(sizeof(method_text) / sizeof(method_text[0])))
+static PyObject *methods_str[N_METHODS];
+static const char *const transport_text[] = {"UDP", "TCP", "TLS", "SCTP", "WS", "WSS"};
+#define N_TRANSPORTS ((int)(sizeof(transport_text) / sizeof(transport_text[0])))
+static PyObject *transports_str[N_TRANSPORTS];
+static PyObject *sip_2_0; /* "SIP/2.0", Via.protocol */
+
+/* A cached str equal to [p, end) from table[0..n), else a new str. */
+static PyObject *
+cached_str(const char *p, const char *end, const char *const *table, PyObject **objs, int n)
+{
+    Py_ssize_t len = end - p;
+    int k;
+    for (k = 0; k < n; k++) {
+        if (table[k][0] == *p && (Py_ssize_t)strlen(table[k]) == len &&
+            memcmp(table[k], p, len) == 0) {
+            return Py_NewRef(objs[k]);
+        }
+    }
+    return str_of(p, end);
+}
 
 /* Header names as commonly written -> canonical name: the entries sipcore.headers puts in
  * _NAME_CACHE before any message is seen (known_names() returns this table so a test can
- * check that).  A name not here is looked up in the cache passed to scan(). */
+ * check that).  Looked up through a small open-addressing hash table; a name not here is
+ * looked up in the cache passed to parse(). */
 static const char *const name_table[][2] = {
     {"Via", "via"}, {"via", "via"}, {"v", "via"}, {"V", "via"},
     {"From", "from"}, {"from", "from"}, {"f", "from"}, {"F", "from"},
@@ -172,54 +202,208 @@ static const char *const name_table[][2] = {
     {"Date", "date"}, {"date", "date"},
     {"Accept", "accept"}, {"accept", "accept"},
 };
-#define N_NAMES ((Py_ssize_t)(sizeof(name_table) / sizeof(name_table[0])))
+#define N_NAMES ((int)(sizeof(name_table) / sizeof(name_table[0])))
 static PyObject *name_canon[N_NAMES];
 static Py_ssize_t name_len[N_NAMES];
+#define NAME_SLOTS 256 /* power of two, well above N_NAMES: short probe runs */
+static signed char name_slot[NAME_SLOTS]; /* index into name_table, -1 for empty */
+
+/* The canonical names parse() tells apart (interned: the names list and the cache hold
+ * these very objects, so they are recognised by identity). */
+enum { H_VIA, H_FROM, H_TO, H_CALL_ID, H_CSEQ, H_MAX_FORWARDS, H_CONTENT_LENGTH, H_ROUTE, H_COUNT };
+static const char *const header_text[H_COUNT] = {
+    "via", "from", "to", "call-id", "cseq", "max-forwards", "content-length", "route",
+};
+static PyObject *headers_str[H_COUNT];
+
+static unsigned int
+name_hash(const char *p, Py_ssize_t n)
+{
+    unsigned int h = 2166136261u; /* FNV-1a */
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) {
+        h = (h ^ (unsigned char)p[i]) * 16777619u;
+    }
+    return h;
+}
 
 /* Canonical name (borrowed) for the name written as [p, end), from the table, else NULL. */
 static PyObject *
 known_name(const char *p, const char *end)
 {
-    Py_ssize_t n = end - p, k;
-    for (k = 0; k < N_NAMES; k++) {
-        if (name_len[k] == n && name_table[k][0][0] == *p && memcmp(name_table[k][0], p, n) == 0) {
+    Py_ssize_t n = end - p;
+    unsigned int h = name_hash(p, n) & (NAME_SLOTS - 1);
+    for (;;) {
+        int k = name_slot[h];
+        if (k < 0) {
+            return NULL;
+        }
+        if (name_len[k] == n && memcmp(name_table[k][0], p, n) == 0) {
             return name_canon[k];
         }
+        h = (h + 1) & (NAME_SLOTS - 1);
     }
-    return NULL;
 }
+
+/* ------------------------------------------------------------------ classes and slots */
+
+/* The classes parse() instantiates and the offsets of the slots it fills, from configure().
+ * Every slot of SipMessage, Request, Response, Via and NameAddr is listed here; a test
+ * checks that none is left unset (a slot added in Python but not here would be). */
+enum {
+    M_ASCII, M_BLENS, M_BODY_OFFSET, M_CALL_ID, M_CONTACTS, M_CSEQ, M_FROM, M_LINES,
+    M_MAX_FORWARDS, M_NAMES, M_OFFS, M_POS, M_RECORD_ROUTES, M_ROUTES, M_START_BLEN, M_TO,
+    M_TOP_VIA, M_TOP_VIA_TEXT, M_VIAS, M_BODY, M_RAW,
+    M_REQUEST_URI, M_METHOD, M_URI, /* Request */
+    M_REASON, M_STATUS,             /* Response */
+    M_COUNT
+};
+static const char *const msg_slot_text[M_COUNT] = {
+    "_ascii", "_blens", "_body_offset", "_call_id", "_contacts", "_cseq", "_from", "_lines",
+    "_max_forwards", "_names", "_offs", "_pos", "_record_routes", "_routes", "_start_blen",
+    "_to", "_top_via", "_top_via_text", "_vias", "body", "raw",
+    "_request_uri", "method", "uri",
+    "reason", "status",
+};
+#define M_FIRST_REQUEST M_REQUEST_URI
+#define M_FIRST_RESPONSE M_REASON
+enum { V_TRANSPORT, V_HOST, V_PORT, V_PARAMS, V_PROTOCOL, V_COUNT };
+static const char *const via_slot_text[V_COUNT] = {
+    "transport", "host", "port", "params", "protocol",
+};
+enum { N_PARSED, N_DISPLAY, N_IS_STAR, N_PARAMS, N_URI, N_COUNT };
+static const char *const na_slot_text[N_COUNT] = {
+    "_parsed", "display", "is_star", "params", "uri",
+};
+
+static PyTypeObject *t_request, *t_response, *t_via, *t_name_addr, *t_cseq;
+static Py_ssize_t off_request[M_COUNT], off_response[M_COUNT], off_via[V_COUNT],
+    off_na[N_COUNT];
+
+/* Store v (a new reference, stolen) in the slot at offset off of a freshly allocated obj
+ * (whose slots are all NULL). */
+#define SET(obj, off, v) (*(PyObject **)((char *)(obj) + (off)) = (v))
+
+/* The offset of slot `name` of `type`: its member descriptor must be a writable object
+ * slot of type or a base of it. */
+static int
+slot_offset(PyTypeObject *type, const char *name, Py_ssize_t *out)
+{
+    PyObject *d = PyObject_GetAttrString((PyObject *)type, name);
+    PyMemberDef *m;
+    if (d == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_TypeError, "%s has no slot %s", type->tp_name, name);
+        }
+        return -1;
+    }
+    if (!Py_IS_TYPE(d, &PyMemberDescr_Type) ||
+        !PyType_IsSubtype(type, PyDescr_TYPE(d))) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not a __slots__ member", type->tp_name, name);
+        Py_DECREF(d);
+        return -1;
+    }
+    m = ((PyMemberDescrObject *)d)->d_member;
+    Py_DECREF(d);
+    if (m->type != T_OBJECT_EX || (m->flags & READONLY) || m->offset <= 0 ||
+        (size_t)m->offset + sizeof(PyObject *) > (size_t)type->tp_basicsize) {
+        PyErr_Format(PyExc_TypeError, "%s.%s is not a writable object slot", type->tp_name,
+                     name);
+        return -1;
+    }
+    *out = m->offset;
+    return 0;
+}
+
+static int
+plain_class(PyObject *obj, PyTypeObject *base)
+{
+    PyTypeObject *t;
+    if (!PyType_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "configure() takes classes");
+        return 0;
+    }
+    t = (PyTypeObject *)obj;
+    if (t == base || !PyType_IsSubtype(t, base) ||
+        (base == &PyBaseObject_Type && t->tp_itemsize != 0)) {
+        PyErr_Format(PyExc_TypeError, "%s: unexpected class layout", t->tp_name);
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *
+configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyTypeObject *req, *resp, *via, *na;
+    int k;
+    (void)module;
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure(Request, Response, Via, NameAddr, CSeq) takes 5 arguments");
+        return NULL;
+    }
+    for (k = 0; k < 4; k++) {
+        if (!plain_class(args[k], &PyBaseObject_Type)) {
+            return NULL;
+        }
+    }
+    if (!plain_class(args[4], &PyTuple_Type)) {
+        return NULL;
+    }
+    req = (PyTypeObject *)args[0];
+    resp = (PyTypeObject *)args[1];
+    via = (PyTypeObject *)args[2];
+    na = (PyTypeObject *)args[3];
+    for (k = 0; k < M_COUNT; k++) {
+        if (k < M_FIRST_RESPONSE && slot_offset(req, msg_slot_text[k], &off_request[k]) < 0) {
+            return NULL;
+        }
+        if ((k < M_FIRST_REQUEST || k >= M_FIRST_RESPONSE) &&
+            slot_offset(resp, msg_slot_text[k], &off_response[k]) < 0) {
+            return NULL;
+        }
+    }
+    for (k = 0; k < V_COUNT; k++) {
+        if (slot_offset(via, via_slot_text[k], &off_via[k]) < 0) {
+            return NULL;
+        }
+    }
+    for (k = 0; k < N_COUNT; k++) {
+        if (slot_offset(na, na_slot_text[k], &off_na[k]) < 0) {
+            return NULL;
+        }
+    }
+    Py_XSETREF(t_request, (PyTypeObject *)Py_NewRef(args[0]));
+    Py_XSETREF(t_response, (PyTypeObject *)Py_NewRef(args[1]));
+    Py_XSETREF(t_via, (PyTypeObject *)Py_NewRef(args[2]));
+    Py_XSETREF(t_name_addr, (PyTypeObject *)Py_NewRef(args[3]));
+    Py_XSETREF(t_cseq, (PyTypeObject *)Py_NewRef(args[4]));
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+new_instance(PyTypeObject *type)
+{
+    return type->tp_alloc(type, 0);
+}
+
+/* ------------------------------------------------------------------ values */
+
+/* Status of the helpers: 1 matched, 0 not the common shape, -1 Python error set. */
 
 /* The interned parameter name equal to lower([p, end)), or a new str. */
 static PyObject *
-param_key(const char *p, const char *end);
-
-/* A lower-cased copy of [p, end) as str (ASCII). */
-static PyObject *
-lower_str(const char *p, const char *end)
-{
-    Py_ssize_t n = end - p, i;
-    PyObject *s = PyUnicode_New(n, 127);
-    Py_UCS1 *out;
-    if (s == NULL) {
-        return NULL;
-    }
-    out = PyUnicode_1BYTE_DATA(s);
-    for (i = 0; i < n; i++) {
-        unsigned char c = (unsigned char)p[i];
-        out[i] = (c >= 'A' && c <= 'Z') ? (Py_UCS1)(c + 32) : (Py_UCS1)c;
-    }
-    return s;
-}
-
-static PyObject *
 param_key(const char *p, const char *end)
 {
-    Py_ssize_t n = end - p;
+    Py_ssize_t n = end - p, i;
+    PyObject *s;
+    Py_UCS1 *out;
     int k;
     for (k = 0; k < K_COUNT; k++) {
         const char *t = key_text[k];
-        Py_ssize_t i;
-        if ((Py_ssize_t)strlen(t) != n) {
+        if (key_len[k] != n) {
             continue;
         }
         for (i = 0; i < n; i++) {
@@ -235,10 +419,40 @@ param_key(const char *p, const char *end)
             return Py_NewRef(keys[k]);
         }
     }
-    return lower_str(p, end);
+    s = PyUnicode_New(n, 127);
+    if (s == NULL) {
+        return NULL;
+    }
+    out = PyUnicode_1BYTE_DATA(s);
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)p[i];
+        out[i] = (c >= 'A' && c <= 'Z') ? (Py_UCS1)(c + 32) : (Py_UCS1)c;
+    }
+    return s;
 }
 
-/* Digits [p, end), at most 10 of them (callers check), as an int. */
+/* params[lower(name)] = str(value) or None (value NULL). */
+static int
+set_param(PyObject *params, const char *n, const char *ne, const char *v, const char *ve)
+{
+    PyObject *key, *value;
+    int rc;
+    key = param_key(n, ne);
+    if (key == NULL) {
+        return -1;
+    }
+    value = v != NULL ? str_of(v, ve) : Py_NewRef(Py_None);
+    if (value == NULL) {
+        Py_DECREF(key);
+        return -1;
+    }
+    rc = PyDict_SetItem(params, key, value);
+    Py_DECREF(key);
+    Py_DECREF(value);
+    return rc;
+}
+
+/* Digits [p, end), at most 10 of them (callers check), as an integer. */
 static long long
 digits_value(const char *p, const char *end)
 {
@@ -248,8 +462,6 @@ digits_value(const char *p, const char *end)
     }
     return v;
 }
-
-/* Status of the helpers: 1 matched, 0 not the common shape, -1 Python error set. */
 
 /* [ \t]* [0-9]{1,maxd} [ \t]* filling the whole value. */
 static int
@@ -290,11 +502,13 @@ parse_call_id(const char *p, const char *end, PyObject **out)
     return *out == NULL ? -1 : 1;
 }
 
-/* _CSEQ_VALUE with fewer than 10 digits: [ \t]* digits [ \t]+ token [ \t]* */
+/* _CSEQ_VALUE with fewer than 10 digits: [ \t]* digits [ \t]+ token [ \t]*, as a CSeq.
+ * method is the request's method (its str is reused), or NULL for a response. */
 static int
-parse_cseq(const char *p, const char *end, PyObject **num, PyObject **method)
+parse_cseq(const char *p, const char *end, PyObject *method, PyObject **out)
 {
     const char *d, *m, *q;
+    PyObject *cseq, *num, *name;
     p = skip_ws(p, end);
     d = span(p, end, C_DIGIT);
     if (d == p || d - p > 9) {
@@ -308,12 +522,35 @@ parse_cseq(const char *p, const char *end, PyObject **num, PyObject **method)
     if (q == m || skip_ws(q, end) != end) {
         return 0;
     }
-    *num = PyLong_FromLongLong(digits_value(p, d));
-    if (*num == NULL) {
+    if (method != NULL) {
+        /* The request's method is [A-Z]+, ASCII: compare the bytes. */
+        if (PyUnicode_GET_LENGTH(method) != q - m ||
+            memcmp(PyUnicode_1BYTE_DATA(method), m, q - m) != 0) {
+            return 0;
+        }
+        name = Py_NewRef(method);
+    }
+    else {
+        name = cached_str(m, q, method_text, methods_str, N_METHODS);
+        if (name == NULL) {
+            return -1;
+        }
+    }
+    num = PyLong_FromLongLong(digits_value(p, d));
+    if (num == NULL) {
+        Py_DECREF(name);
         return -1;
     }
-    *method = str_of(m, q);
-    return *method == NULL ? -1 : 1;
+    cseq = t_cseq->tp_alloc(t_cseq, 2); /* tuple.__new__(CSeq, (num, name)) */
+    if (cseq == NULL) {
+        Py_DECREF(num);
+        Py_DECREF(name);
+        return -1;
+    }
+    PyTuple_SET_ITEM(cseq, 0, num);
+    PyTuple_SET_ITEM(cseq, 1, name);
+    *out = cseq;
+    return 1;
 }
 
 /* ;name[=value] pieces of a Via (_VIA_FAST: no LWS, values gen-value chars), into a dict
@@ -323,8 +560,6 @@ parse_via_params(const char *p, const char *end, PyObject *params)
 {
     while (p < end) {
         const char *n, *ne, *v, *ve;
-        PyObject *key, *value;
-        int rc;
         if (*p != ';') {
             return 0;
         }
@@ -343,36 +578,22 @@ parse_via_params(const char *p, const char *end, PyObject *params)
             }
             p = ve;
         }
-        key = param_key(n, ne);
-        if (key == NULL) {
-            return -1;
-        }
-        if (v != NULL) {
-            value = str_of(v, ve);
-            if (value == NULL) {
-                Py_DECREF(key);
-                return -1;
-            }
-        }
-        else {
-            value = Py_NewRef(Py_None);
-        }
-        rc = PyDict_SetItem(params, key, value);
-        Py_DECREF(key);
-        Py_DECREF(value);
-        if (rc < 0) {
+        if (set_param(params, n, ne, v, ve) < 0) {
             return -1;
         }
     }
     return 1;
 }
 
-/* _VIA_VALUE: [ \t]* SIP/2.0/transport SP host [":" port] params [ \t]* */
+/* _VIA_VALUE: [ \t]* SIP/2.0/transport SP host [":" port] params [ \t]*, as a Via. */
 static int
-parse_via(const char *p, const char *end, PyObject **transport, PyObject **host,
-          PyObject **port, PyObject **params)
+parse_via(const char *p, const char *end, PyObject **out)
 {
     const char *t, *te, *h, *he, *q;
+    PyObject *via, *params, *v;
+    long long port = -1;
+    char upper[16];
+    Py_ssize_t i;
     int rc;
     p = skip_ws(p, end);
     while (end > p && (end[-1] == ' ' || end[-1] == '\t')) {
@@ -408,64 +629,82 @@ parse_via(const char *p, const char *end, PyObject **transport, PyObject **host,
         }
     }
     q = he;
-    *port = NULL;
     if (q < end && *q == ':') {
         const char *d = span(q + 1, end, C_DIGIT);
-        long long value;
         if (d == q + 1 || d - (q + 1) > 5) {
             return 0;
         }
-        value = digits_value(q + 1, d);
-        if (value > 65535) {
+        port = digits_value(q + 1, d);
+        if (port > 65535) {
             return 0;
-        }
-        *port = PyLong_FromLongLong(value);
-        if (*port == NULL) {
-            return -1;
         }
         q = d;
     }
-    else {
-        *port = Py_NewRef(Py_None);
-    }
-    *params = PyDict_New();
-    if (*params == NULL) {
+
+    via = new_instance(t_via);
+    if (via == NULL) {
         return -1;
     }
-    rc = parse_via_params(q, end, *params);
+    params = PyDict_New();
+    if (params == NULL) {
+        goto error;
+    }
+    SET(via, off_via[V_PARAMS], params);
+    rc = parse_via_params(q, end, params);
     if (rc <= 0) {
+        Py_DECREF(via);
         return rc;
     }
     /* The typed parameters _via_from_match hands to _check_via_params: leave them to it. */
-    {
-        PyObject *v;
-        v = PyDict_GetItemWithError(*params, keys[K_RPORT]);
-        if (v != NULL && v != Py_None) {
-            return 0;
-        }
-        if (PyDict_GetItemWithError(*params, keys[K_TTL]) != NULL) {
-            return 0;
-        }
-        if (PyDict_GetItemWithError(*params, keys[K_BRANCH]) == Py_None ||
-            PyDict_GetItemWithError(*params, keys[K_RECEIVED]) == Py_None ||
-            PyDict_GetItemWithError(*params, keys[K_MADDR]) == Py_None) {
-            return 0;
-        }
+    v = PyDict_GetItemWithError(params, keys[K_RPORT]);
+    if ((v != NULL && v != Py_None) || PyDict_GetItemWithError(params, keys[K_TTL]) != NULL ||
+        PyDict_GetItemWithError(params, keys[K_BRANCH]) == Py_None ||
+        PyDict_GetItemWithError(params, keys[K_RECEIVED]) == Py_None ||
+        PyDict_GetItemWithError(params, keys[K_MADDR]) == Py_None) {
+        Py_DECREF(via);
+        return 0;
     }
-    *transport = PyUnicode_New(te - t, 127);
-    if (*transport == NULL) {
-        return -1;
+    if (PyErr_Occurred()) {
+        goto error;
     }
-    {
-        Py_UCS1 *out = PyUnicode_1BYTE_DATA(*transport);
-        Py_ssize_t i;
+    /* transport.upper() */
+    if (te - t <= (Py_ssize_t)sizeof(upper)) {
         for (i = 0; i < te - t; i++) {
             unsigned char c = (unsigned char)t[i];
-            out[i] = (c >= 'a' && c <= 'z') ? (Py_UCS1)(c - 32) : (Py_UCS1)c;
+            upper[i] = (char)((c >= 'a' && c <= 'z') ? c - 32 : c);
+        }
+        v = cached_str(upper, upper + (te - t), transport_text, transports_str, N_TRANSPORTS);
+    }
+    else {
+        v = PyUnicode_New(te - t, 127);
+        if (v != NULL) {
+            Py_UCS1 *o = PyUnicode_1BYTE_DATA(v);
+            for (i = 0; i < te - t; i++) {
+                unsigned char c = (unsigned char)t[i];
+                o[i] = (Py_UCS1)((c >= 'a' && c <= 'z') ? c - 32 : c);
+            }
         }
     }
-    *host = str_of(h, he);
-    return *host == NULL ? -1 : 1;
+    if (v == NULL) {
+        goto error;
+    }
+    SET(via, off_via[V_TRANSPORT], v);
+    v = str_of(h, he);
+    if (v == NULL) {
+        goto error;
+    }
+    SET(via, off_via[V_HOST], v);
+    v = port < 0 ? Py_NewRef(Py_None) : PyLong_FromLongLong(port);
+    if (v == NULL) {
+        goto error;
+    }
+    SET(via, off_via[V_PORT], v);
+    SET(via, off_via[V_PROTOCOL], Py_NewRef(sip_2_0));
+    *out = via;
+    return 1;
+error:
+    Py_DECREF(via);
+    return -1;
 }
 
 /* _PARAMS_FAST, as _fast_params reads it:
@@ -475,8 +714,6 @@ parse_header_params(const char *p, const char *end, PyObject *params)
 {
     for (;;) {
         const char *n, *ne, *v = NULL, *ve = NULL;
-        PyObject *key, *value;
-        int rc;
         p = skip_ws(p, end);
         if (p == end) {
             return 1;
@@ -513,24 +750,7 @@ parse_header_params(const char *p, const char *end, PyObject *params)
         else {
             p = ne; /* whitespace after a bare name is skipped at the top of the loop */
         }
-        key = param_key(n, ne);
-        if (key == NULL) {
-            return -1;
-        }
-        if (v != NULL) {
-            value = str_of(v, ve);
-            if (value == NULL) {
-                Py_DECREF(key);
-                return -1;
-            }
-        }
-        else {
-            value = Py_NewRef(Py_None);
-        }
-        rc = PyDict_SetItem(params, key, value);
-        Py_DECREF(key);
-        Py_DECREF(value);
-        if (rc < 0) {
+        if (set_param(params, n, ne, v, ve) < 0) {
             return -1;
         }
     }
@@ -538,16 +758,15 @@ parse_header_params(const char *p, const char *end, PyObject *params)
 
 /* _NAME_ADDR_VALUE: [ \t]* ( "display" [ \t]* | token ([ \t]+ token)* [ \t]* )?
  *                   "<" scheme ":" [^<>" \t]+ ">" params
- * Display names with anything but printable ASCII, and URIs with control characters, are
- * left to Python (a subset of what the regex takes). */
+ * as a NameAddr.  Display names with anything but printable ASCII, and URIs with control
+ * characters, are left to Python (a subset of what the regex takes). */
 static int
-parse_name_addr(const char *p, const char *end, PyObject **display, PyObject **uri,
-                PyObject **params)
+parse_name_addr(const char *p, const char *end, PyObject **out)
 {
-    const char *u, *ue, *q;
-    int rc;
+    const char *u, *ue, *q, *ds = NULL, *de = NULL;
+    PyObject *na, *v;
+    int rc, words = 0;
     p = skip_ws(p, end);
-    *display = NULL;
     if (p < end && *p == '"') {
         q = p + 1;
         while (q < end && *q != '"' && *q != '\\' && *q >= 0x20 && *q < 0x7f) {
@@ -556,40 +775,24 @@ parse_name_addr(const char *p, const char *end, PyObject **display, PyObject **u
         if (q >= end || *q != '"') {
             return 0;
         }
-        *display = str_of(p + 1, q);
-        if (*display == NULL) {
-            return -1;
-        }
+        ds = p + 1;
+        de = q;
         p = skip_ws(q + 1, end);
     }
     else if (p < end && IS(*p, C_TOKEN)) {
         /* token words separated by LWS; joined by single spaces, as _name_addr_from_match */
-        char buf[256];
-        Py_ssize_t n = 0;
-        q = p;
+        const char *w = p;
+        ds = p;
         for (;;) {
-            const char *w = q, *we = span(q, end, C_TOKEN);
+            const char *we = span(w, end, C_TOKEN);
             if (we == w) {
                 break;
             }
-            if (n + (we - w) + 1 > (Py_ssize_t)sizeof(buf)) {
-                return 0;
-            }
-            if (n > 0) {
-                buf[n++] = ' ';
-            }
-            memcpy(buf + n, w, we - w);
-            n += we - w;
-            q = skip_ws(we, end);
+            words++;
+            de = we;
+            w = skip_ws(we, end);
         }
-        *display = PyUnicode_DecodeASCII(buf, n, NULL);
-        if (*display == NULL) {
-            return -1;
-        }
-        p = q;
-    }
-    else {
-        *display = Py_NewRef(Py_None);
+        p = w;
     }
     if (p >= end || *p != '<') {
         return 0;
@@ -611,158 +814,237 @@ parse_name_addr(const char *p, const char *end, PyObject **display, PyObject **u
     if (ue == q || ue >= end || *ue != '>') {
         return 0;
     }
-    *uri = str_of(u, ue);
-    if (*uri == NULL) {
+
+    na = new_instance(t_name_addr);
+    if (na == NULL) {
         return -1;
     }
-    *params = PyDict_New();
-    if (*params == NULL) {
-        return -1;
+    SET(na, off_na[N_PARSED], Py_NewRef(Py_None));
+    SET(na, off_na[N_IS_STAR], Py_NewRef(Py_False));
+    v = PyDict_New();
+    if (v == NULL) {
+        goto error;
     }
-    rc = parse_header_params(ue + 1, end, *params);
+    SET(na, off_na[N_PARAMS], v);
+    rc = parse_header_params(ue + 1, end, v);
+    if (rc <= 0) {
+        Py_DECREF(na);
+        return rc;
+    }
+    if (ds == NULL) {
+        v = Py_NewRef(Py_None);
+    }
+    else if (words > 1) {
+        /* the words of [ds, de) joined by single spaces */
+        const char *w = ds;
+        Py_ssize_t n = 0;
+        Py_UCS1 *o;
+        while (w < de) {
+            const char *we = span(w, de, C_TOKEN);
+            n += (we - w) + 1;
+            w = skip_ws(we, de);
+        }
+        v = PyUnicode_New(n - 1, 127);
+        if (v != NULL) {
+            o = PyUnicode_1BYTE_DATA(v);
+            w = ds;
+            while (w < de) {
+                const char *we = span(w, de, C_TOKEN);
+                memcpy(o, w, we - w);
+                o += we - w;
+                w = skip_ws(we, de);
+                if (w < de) {
+                    *o++ = ' ';
+                }
+            }
+        }
+    }
+    else {
+        v = str_of(ds, de);
+    }
+    if (v == NULL) {
+        goto error;
+    }
+    SET(na, off_na[N_DISPLAY], v);
+    v = str_of(u, ue);
+    if (v == NULL) {
+        goto error;
+    }
+    SET(na, off_na[N_URI], v);
+    *out = na;
+    return 1;
+error:
+    Py_DECREF(na);
+    return -1;
+}
+
+/* A From/To value: a name-addr whose tag parameter, if any, has a value (a bare ;tag is
+ * a 400 that _parse decides). */
+static int
+parse_from_to(const char *p, const char *end, PyObject **out)
+{
+    PyObject *params;
+    int rc = parse_name_addr(p, end, out);
     if (rc <= 0) {
         return rc;
     }
-    /* tag-param without a value: _parse raises; leave it to Python. */
-    if (PyDict_GetItemWithError(*params, keys[K_TAG]) == Py_None) {
+    params = *(PyObject **)((char *)*out + off_na[N_PARAMS]);
+    if (PyDict_GetItemWithError(params, keys[K_TAG]) == Py_None) {
+        Py_CLEAR(*out);
         return 0;
+    }
+    if (PyErr_Occurred()) {
+        Py_CLEAR(*out);
+        return -1;
     }
     return 1;
 }
 
-static int
-line_is(PyObject *name, const char *canon)
-{
-    return PyUnicode_CompareWithASCIIString(name, canon) == 0;
-}
+/* ------------------------------------------------------------------ the header block */
 
-enum {
-    F_IS_RESPONSE,
-    F_A,
-    F_B,
-    F_LINES,
-    F_NAMES,
-    F_POS,
-    F_OFFS,
-    F_BLENS,
-    F_CALL_ID,
-    F_CSEQ_NUMBER,
-    F_CSEQ_METHOD,
-    F_VIA_TRANSPORT,
-    F_VIA_HOST,
-    F_VIA_PORT,
-    F_VIA_PARAMS,
-    F_FROM_DISPLAY,
-    F_FROM_URI,
-    F_FROM_PARAMS,
-    F_TO_DISPLAY,
-    F_TO_URI,
-    F_TO_PARAMS,
-    F_MAX_FORWARDS,
-    F_CONTENT_LENGTH,
-    F_COUNT
-};
+/* Nonzero when one of the 8 bytes of w is CR, LF or >= 0x80 (SWAR: the "has a zero byte"
+ * test on w ^ CR and w ^ LF, exact for presence). */
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+static inline uint64_t
+special_bytes(uint64_t w)
+{
+    uint64_t cr = w ^ (ONES * '\r'), lf = w ^ (ONES * '\n');
+    return (((cr - ONES) & ~cr) | ((lf - ONES) & ~lf) | w) & HIGHS;
+}
 
 #define MAX_LINES 1024
 
 static PyObject *
-scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_buffer view;
-    Py_ssize_t base, head_end, max_line, max_headers;
-    PyObject *cache;
-    PyObject *f[F_COUNT] = {NULL};
-    PyObject *result = NULL;
-    const char *data, *head, *hend, *p, *first_end;
+    PyObject *data_obj, *cache, *msg = NULL, *lines, *names, *pos, *offs, *blens, *v;
+    Py_ssize_t max_line, max_headers, max_size, len, base, head_end, body_start, end;
+    Py_ssize_t nlines = 0, i, route_count = 0;
+    const Py_ssize_t *off;
+    const char *data, *head, *limit, *p, *first_end;
     /* per header field: start and end of the line, and of the value after the colon */
     const char *ls[MAX_LINES], *le[MAX_LINES], *vs[MAX_LINES];
-    Py_ssize_t nlines = 0, i;
-    Py_ssize_t idx_call_id = -1, idx_cseq = -1, idx_via = -1, idx_from = -1, idx_to = -1,
-               idx_mf = -1, idx_cl = -1;
-    int rc, declined = 0, is_response;
-    long long number;
+    Py_ssize_t idx[H_COUNT];
+    int rc, stream, is_response;
+    long long number, content_length = -1;
 
     (void)module;
     if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "scan() takes 6 arguments");
+        PyErr_SetString(PyExc_TypeError, "parse() takes 6 arguments");
         return NULL;
     }
-    if (!PyDict_CheckExact(args[5])) {
+    if (t_request == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "parse() before configure()");
+        return NULL;
+    }
+    data_obj = args[0];
+    stream = PyObject_IsTrue(args[1]);
+    max_line = PyLong_AsSsize_t(args[2]);
+    max_headers = PyLong_AsSsize_t(args[3]);
+    max_size = PyLong_AsSsize_t(args[4]);
+    cache = args[5];
+    if (stream < 0 || PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyDict_CheckExact(cache)) {
         PyErr_SetString(PyExc_TypeError, "name_cache must be a dict");
         return NULL;
     }
-    cache = args[5];
-    base = PyLong_AsSsize_t(args[1]);
-    head_end = PyLong_AsSsize_t(args[2]);
-    max_line = PyLong_AsSsize_t(args[3]);
-    max_headers = PyLong_AsSsize_t(args[4]);
-    if (PyErr_Occurred()) {
-        return NULL;
+    if (!PyBytes_CheckExact(data_obj) || max_size < 0 || max_size > PY_SSIZE_T_MAX / 2) {
+        Py_RETURN_NONE;
     }
-    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0) {
-        return NULL;
+    data = PyBytes_AS_STRING(data_obj);
+    len = PyBytes_GET_SIZE(data_obj);
+    for (i = 0; i < H_COUNT; i++) {
+        idx[i] = -1;
     }
-    data = (const char *)view.buf;
-    if (base < 0 || head_end < base || head_end > view.len) {
-        PyBuffer_Release(&view);
-        PyErr_SetString(PyExc_ValueError, "bad header block bounds");
-        return NULL;
+
+#define DECLINE()            \
+    do {                     \
+        Py_XDECREF(msg);     \
+        Py_RETURN_NONE;      \
+    } while (0)
+#define FAIL()               \
+    do {                     \
+        Py_XDECREF(msg);     \
+        return NULL;         \
+    } while (0)
+#define CHECK(expr)          \
+    do {                     \
+        rc = (expr);         \
+        if (rc < 0) {        \
+            FAIL();          \
+        }                    \
+        if (rc == 0) {       \
+            DECLINE();       \
+        }                    \
+    } while (0)
+
+    /* ---- leading CRLFs, then lines up to the first empty one: ASCII, CRLF only, no
+     * folding, bounded length; the blank line within max_size + 4 bytes of base, as
+     * data.find(b"\r\n\r\n", base, base + max_size + 4) in _parse. */
+    base = 0;
+    while (base < len && (data[base] == '\r' || data[base] == '\n')) {
+        base++;
     }
     head = data + base;
-    hend = data + head_end;
-
-#define DECLINE()        \
-    do {                 \
-        declined = 1;    \
-        goto done;       \
-    } while (0)
-#define CHECK(expr)                   \
-    do {                              \
-        rc = (expr);                  \
-        if (rc < 0) {                 \
-            goto done;                \
-        }                             \
-        if (rc == 0) {                \
-            DECLINE();                \
-        }                             \
-    } while (0)
-
-    /* ---- split into lines; ASCII, CRLF only, no folding, bounded length */
+    limit = data + (len - base > max_size + 4 ? base + max_size + 4 : len);
     p = head;
     first_end = NULL;
     for (;;) {
         const char *q = p;
-        while (q < hend && *q != '\r' && *q != '\n') {
+        while (limit - q >= 8) {
+            uint64_t w;
+            memcpy(&w, q, 8);
+            if (special_bytes(w)) {
+                break;
+            }
+            q += 8;
+        }
+        while (q < limit && *q != '\r' && *q != '\n') {
             if ((unsigned char)*q >= 0x80) {
                 DECLINE();
             }
             q++;
         }
+        /* the line must end in CRLF inside the window; a bare CR or LF, or none: decline */
+        if (limit - q < 2 || q[0] != '\r' || q[1] != '\n') {
+            DECLINE();
+        }
         if (q - p > max_line) {
             DECLINE();
         }
-        if (q < hend && (*q != '\r' || q + 1 >= hend || q[1] != '\n')) {
-            DECLINE(); /* bare CR or LF */
-        }
         if (first_end == NULL) {
+            if (q == p) {
+                DECLINE(); /* no start line (only when data was empty) */
+            }
             first_end = q;
         }
         else {
+            if (q == p) {
+                break; /* the blank line */
+            }
             if (nlines >= MAX_LINES || nlines >= max_headers) {
                 DECLINE();
             }
-            if (q == p || *p == ' ' || *p == '\t') {
-                DECLINE(); /* empty line or folding */
+            if (*p == ' ' || *p == '\t') {
+                DECLINE(); /* folding */
             }
             ls[nlines] = p;
             le[nlines] = q;
             nlines++;
         }
-        if (q >= hend) {
-            break;
-        }
         p = q + 2;
     }
+    if (nlines == 0) {
+        DECLINE(); /* the blank line right after the start line: no mandatory headers */
+    }
+    /* The blank line starts at p: the CRLF before it (ending the last header line) and its
+     * own make the first "\r\n\r\n" after base, which is where _parse's find stops, since
+     * every CR and LF before it ends a non-empty line. */
+    head_end = (p - 2) - data;
+    body_start = head_end + 4;
 
     /* ---- start line */
     p = head;
@@ -773,17 +1055,24 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             DECLINE();
         }
         is_response = 1;
-        f[F_A] = PyLong_FromLong((c[0] - '0') * 100 + (c[1] - '0') * 10 + (c[2] - '0'));
-        if (f[F_A] == NULL) {
-            goto done;
+        off = off_response;
+        msg = new_instance(t_response);
+        if (msg == NULL) {
+            FAIL();
         }
-        f[F_B] = str_of(c + 4, first_end);
-        if (f[F_B] == NULL) {
-            goto done;
+        v = PyLong_FromLong((c[0] - '0') * 100 + (c[1] - '0') * 10 + (c[2] - '0'));
+        if (v == NULL) {
+            FAIL();
         }
+        SET(msg, off[M_STATUS], v);
+        v = str_of(c + 4, first_end);
+        if (v == NULL) {
+            FAIL();
+        }
+        SET(msg, off[M_REASON], v);
     }
     else {
-        const char *m = p, *me, *u, *ue;
+        const char *m = p, *me, *u, *ue, *s;
         me = m;
         while (me < first_end && *me >= 'A' && *me <= 'Z') {
             me++;
@@ -801,208 +1090,240 @@ scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         else {
             DECLINE();
         }
-        {
-            const char *s = ue;
-            ue = span(ue, first_end, C_RURI);
-            if (ue == s) {
-                DECLINE();
-            }
-        }
-        if (first_end - ue != 8 || memcmp(ue, " SIP/2.0", 8) != 0) {
+        s = ue;
+        ue = span(ue, first_end, C_RURI);
+        if (ue == s || first_end - ue != 8 || memcmp(ue, " SIP/2.0", 8) != 0) {
             DECLINE();
         }
         is_response = 0;
-        f[F_A] = str_of(m, me);
-        if (f[F_A] == NULL) {
-            goto done;
+        off = off_request;
+        msg = new_instance(t_request);
+        if (msg == NULL) {
+            FAIL();
         }
-        f[F_B] = str_of(u, ue);
-        if (f[F_B] == NULL) {
-            goto done;
+        v = cached_str(m, me, method_text, methods_str, N_METHODS);
+        if (v == NULL) {
+            FAIL();
         }
+        SET(msg, off[M_METHOD], v);
+        v = str_of(u, ue);
+        if (v == NULL) {
+            FAIL();
+        }
+        SET(msg, off[M_URI], v);
+        SET(msg, off[M_REQUEST_URI], Py_NewRef(Py_None));
     }
-    f[F_IS_RESPONSE] = Py_NewRef(is_response ? Py_True : Py_False);
+    /* Every slot gets a value before anything can decline after this point, so that
+     * the message is always complete for its deallocator and the GC (NULL slots are fine
+     * for both, but a complete object is easier to reason about). */
+    SET(msg, off[M_ASCII], Py_NewRef(Py_True));
+    SET(msg, off[M_TOP_VIA_TEXT], Py_NewRef(Py_None));
+    SET(msg, off[M_VIAS], Py_NewRef(Py_None));
+    SET(msg, off[M_RECORD_ROUTES], Py_NewRef(Py_None));
+    SET(msg, off[M_CONTACTS], Py_NewRef(Py_None));
 
     /* ---- the index */
-    f[F_LINES] = PyList_New(nlines);
-    f[F_NAMES] = PyList_New(nlines);
-    f[F_OFFS] = PyList_New(nlines);
-    f[F_BLENS] = PyList_New(nlines);
-    f[F_POS] = PyDict_New();
-    if (!f[F_LINES] || !f[F_NAMES] || !f[F_OFFS] || !f[F_BLENS] || !f[F_POS]) {
-        goto done;
+    lines = PyList_New(nlines);
+    if (lines == NULL) {
+        FAIL();
     }
+    SET(msg, off[M_LINES], lines);
+    names = PyList_New(nlines);
+    if (names == NULL) {
+        FAIL();
+    }
+    SET(msg, off[M_NAMES], names);
+    offs = PyList_New(nlines);
+    if (offs == NULL) {
+        FAIL();
+    }
+    SET(msg, off[M_OFFS], offs);
+    blens = PyList_New(nlines);
+    if (blens == NULL) {
+        FAIL();
+    }
+    SET(msg, off[M_BLENS], blens);
+    pos = _PyDict_NewPresized(nlines);
+    if (pos == NULL) {
+        FAIL();
+    }
+    SET(msg, off[M_POS], pos);
+    /* The lists are filled in order; until then their items are NULL, which list_dealloc
+     * and list traversal accept. */
     for (i = 0; i < nlines; i++) {
         const char *colon = memchr(ls[i], ':', le[i] - ls[i]);
-        PyObject *line, *written, *canon, *num;
+        PyObject *canon;
+        int h;
         if (colon == NULL) {
             DECLINE();
         }
         vs[i] = colon + 1;
         canon = known_name(ls[i], colon); /* borrowed */
         if (canon == NULL) {
-            written = str_of(ls[i], colon);
+            PyObject *written = str_of(ls[i], colon);
             if (written == NULL) {
-                goto done;
+                FAIL();
             }
             canon = PyDict_GetItemWithError(cache, written); /* borrowed */
             Py_DECREF(written);
             if (canon == NULL) {
                 if (PyErr_Occurred()) {
-                    goto done;
+                    FAIL();
                 }
                 DECLINE(); /* a spelling not seen before: canonical_name validates it */
             }
+            /* Interned, so that a canonical name equal to one of headers_str is that very
+             * object (canonical_name interns all it stores). */
+            if (!PyUnicode_CheckExact(canon) || !PyUnicode_CHECK_INTERNED(canon)) {
+                DECLINE();
+            }
         }
-        if (!PyUnicode_CheckExact(canon)) {
-            DECLINE();
+        v = str_of(ls[i], le[i]);
+        if (v == NULL) {
+            FAIL();
         }
-        line = str_of(ls[i], le[i]);
-        if (line == NULL) {
-            goto done;
+        PyList_SET_ITEM(lines, i, v);
+        PyList_SET_ITEM(names, i, Py_NewRef(canon));
+        v = PyLong_FromSsize_t(ls[i] - head);
+        if (v == NULL) {
+            FAIL();
         }
-        PyList_SET_ITEM(f[F_LINES], i, line);
-        PyList_SET_ITEM(f[F_NAMES], i, Py_NewRef(canon));
-        num = PyLong_FromSsize_t(ls[i] - head);
-        if (num == NULL) {
-            goto done;
+        PyList_SET_ITEM(offs, i, v);
+        v = PyLong_FromSsize_t(le[i] - ls[i]);
+        if (v == NULL) {
+            FAIL();
         }
-        PyList_SET_ITEM(f[F_OFFS], i, num);
-        num = PyLong_FromSsize_t(le[i] - ls[i]);
-        if (num == NULL) {
-            goto done;
+        PyList_SET_ITEM(blens, i, v);
+        v = PyLong_FromSsize_t(i);
+        if (v == NULL) {
+            FAIL();
         }
-        PyList_SET_ITEM(f[F_BLENS], i, num);
-        num = PyLong_FromSsize_t(i);
-        if (num == NULL) {
-            goto done;
-        }
-        rc = PyDict_SetItem(f[F_POS], canon, num);
-        Py_DECREF(num);
+        rc = PyDict_SetItem(pos, canon, v);
+        Py_DECREF(v);
         if (rc < 0) {
-            goto done;
+            FAIL();
         }
-        switch (PyUnicode_GET_LENGTH(canon)) {
-        case 2:
-            if (line_is(canon, "to")) {
-                if (idx_to >= 0) {
-                    DECLINE();
-                }
-                idx_to = i;
+        for (h = 0; h < H_COUNT; h++) {
+            if (canon == headers_str[h]) {
+                break;
+            }
+        }
+        switch (h) {
+        case H_VIA:
+            if (idx[h] < 0) {
+                idx[h] = i; /* the first Via field */
             }
             break;
-        case 3:
-            if (line_is(canon, "via") && idx_via < 0) {
-                idx_via = i;
-            }
+        case H_ROUTE:
+            idx[h] = i;
+            route_count++;
             break;
-        case 4:
-            if (line_is(canon, "from")) {
-                if (idx_from >= 0) {
-                    DECLINE();
-                }
-                idx_from = i;
-            }
-            else if (line_is(canon, "cseq")) {
-                if (idx_cseq >= 0) {
-                    DECLINE();
-                }
-                idx_cseq = i;
-            }
+        case H_COUNT:
             break;
-        case 7:
-            if (line_is(canon, "call-id")) {
-                if (idx_call_id >= 0) {
-                    DECLINE();
-                }
-                idx_call_id = i;
+        default: /* the singletons */
+            if (idx[h] >= 0) {
+                DECLINE();
             }
-            break;
-        case 12:
-            if (line_is(canon, "max-forwards")) {
-                if (idx_mf >= 0) {
-                    DECLINE();
-                }
-                idx_mf = i;
-            }
-            break;
-        case 14:
-            if (line_is(canon, "content-length")) {
-                if (idx_cl >= 0) {
-                    DECLINE();
-                }
-                idx_cl = i;
-            }
-            break;
-        default:
+            idx[h] = i;
             break;
         }
     }
-    if (idx_to < 0 || idx_from < 0 || idx_call_id < 0 || idx_cseq < 0 || idx_via < 0) {
+    if (idx[H_TO] < 0 || idx[H_FROM] < 0 || idx[H_CALL_ID] < 0 || idx[H_CSEQ] < 0 ||
+        idx[H_VIA] < 0) {
         DECLINE();
     }
+    v = PyLong_FromSsize_t(first_end - head);
+    if (v == NULL) {
+        FAIL();
+    }
+    SET(msg, off[M_START_BLEN], v);
 
     /* ---- the values every message is checked for */
-    CHECK(parse_call_id(vs[idx_call_id], le[idx_call_id], &f[F_CALL_ID]));
-    CHECK(parse_cseq(vs[idx_cseq], le[idx_cseq], &f[F_CSEQ_NUMBER], &f[F_CSEQ_METHOD]));
-    if (!is_response) {
-        rc = PyUnicode_Compare(f[F_CSEQ_METHOD], f[F_A]);
-        if (rc == -1 && PyErr_Occurred()) {
-            goto done;
-        }
-        if (rc != 0) {
-            DECLINE();
-        }
-    }
-    CHECK(parse_via(vs[idx_via], le[idx_via], &f[F_VIA_TRANSPORT], &f[F_VIA_HOST],
-                    &f[F_VIA_PORT], &f[F_VIA_PARAMS]));
-    CHECK(parse_name_addr(vs[idx_from], le[idx_from], &f[F_FROM_DISPLAY], &f[F_FROM_URI],
-                          &f[F_FROM_PARAMS]));
-    CHECK(parse_name_addr(vs[idx_to], le[idx_to], &f[F_TO_DISPLAY], &f[F_TO_URI],
-                          &f[F_TO_PARAMS]));
-    if (idx_mf >= 0) {
-        CHECK(parse_digits(vs[idx_mf], le[idx_mf], 10, &number));
+    CHECK(parse_call_id(vs[idx[H_CALL_ID]], le[idx[H_CALL_ID]], &v));
+    SET(msg, off[M_CALL_ID], v);
+    CHECK(parse_cseq(vs[idx[H_CSEQ]], le[idx[H_CSEQ]],
+                     is_response ? NULL : *(PyObject **)((char *)msg + off[M_METHOD]), &v));
+    SET(msg, off[M_CSEQ], v);
+    CHECK(parse_via(vs[idx[H_VIA]], le[idx[H_VIA]], &v));
+    SET(msg, off[M_TOP_VIA], v);
+    CHECK(parse_from_to(vs[idx[H_FROM]], le[idx[H_FROM]], &v));
+    SET(msg, off[M_FROM], v);
+    CHECK(parse_from_to(vs[idx[H_TO]], le[idx[H_TO]], &v));
+    SET(msg, off[M_TO], v);
+    if (idx[H_MAX_FORWARDS] >= 0) {
+        CHECK(parse_digits(vs[idx[H_MAX_FORWARDS]], le[idx[H_MAX_FORWARDS]], 10, &number));
         if (number > 255) {
             DECLINE();
         }
-        f[F_MAX_FORWARDS] = PyLong_FromLongLong(number);
-    }
-    else {
-        f[F_MAX_FORWARDS] = Py_NewRef(Py_None);
-    }
-    if (f[F_MAX_FORWARDS] == NULL) {
-        goto done;
-    }
-    if (idx_cl >= 0) {
-        CHECK(parse_digits(vs[idx_cl], le[idx_cl], 10, &number));
-        f[F_CONTENT_LENGTH] = PyLong_FromLongLong(number);
-    }
-    else {
-        f[F_CONTENT_LENGTH] = Py_NewRef(Py_None);
-    }
-    if (f[F_CONTENT_LENGTH] == NULL) {
-        goto done;
-    }
-
-    result = PyTuple_New(F_COUNT);
-    if (result != NULL) {
-        for (i = 0; i < F_COUNT; i++) {
-            PyTuple_SET_ITEM(result, i, f[i]); /* steals */
-            f[i] = NULL;
+        v = PyLong_FromLongLong(number);
+        if (v == NULL) {
+            FAIL();
         }
     }
+    else {
+        v = Py_NewRef(Py_None);
+    }
+    SET(msg, off[M_MAX_FORWARDS], v);
+    if (idx[H_CONTENT_LENGTH] >= 0) {
+        CHECK(parse_digits(vs[idx[H_CONTENT_LENGTH]], le[idx[H_CONTENT_LENGTH]], 10,
+                           &content_length));
+    }
 
-done:
-    PyBuffer_Release(&view);
-    for (i = 0; i < F_COUNT; i++) {
-        Py_XDECREF(f[i]);
+    /* ---- body (_set_body; every error there is a decline) */
+    if (content_length >= 0) {
+        if (body_start - base + content_length > max_size || content_length > len - body_start ||
+            (stream && content_length != len - body_start)) {
+            DECLINE();
+        }
+        end = body_start + (Py_ssize_t)content_length;
     }
-    if (declined && !PyErr_Occurred()) {
-        Py_XDECREF(result);
-        Py_RETURN_NONE;
+    else {
+        if (stream || len - base > max_size) {
+            DECLINE();
+        }
+        end = len;
     }
-    return result;
+    v = (base == 0 && end == len) ? Py_NewRef(data_obj)
+                                  : PyBytes_FromStringAndSize(data + base, end - base);
+    if (v == NULL) {
+        FAIL();
+    }
+    SET(msg, off[M_RAW], v);
+    v = PyBytes_FromStringAndSize(data + body_start, end - body_start);
+    if (v == NULL) {
+        FAIL();
+    }
+    SET(msg, off[M_BODY], v);
+    v = PyLong_FromSsize_t(body_start - base);
+    if (v == NULL) {
+        FAIL();
+    }
+    SET(msg, off[M_BODY_OFFSET], v);
+
+    /* ---- a lone Route field with one <URI> value: what SipMessage.routes would cache */
+    v = NULL;
+    if (route_count == 1) {
+        rc = parse_name_addr(vs[idx[H_ROUTE]], le[idx[H_ROUTE]], &v);
+        if (rc < 0) {
+            FAIL();
+        }
+        if (rc > 0) {
+            PyObject *list = PyList_New(1);
+            if (list == NULL) {
+                Py_DECREF(v);
+                FAIL();
+            }
+            PyList_SET_ITEM(list, 0, v);
+            v = list;
+        }
+        else {
+            v = NULL;
+        }
+    }
+    SET(msg, off[M_ROUTES], v != NULL ? v : Py_NewRef(Py_None));
+    return msg;
 #undef DECLINE
+#undef FAIL
 #undef CHECK
 }
 
@@ -1010,7 +1331,7 @@ static PyObject *
 known_names(PyObject *module, PyObject *unused)
 {
     PyObject *out = PyDict_New();
-    Py_ssize_t k;
+    int k;
     (void)module;
     (void)unused;
     if (out == NULL) {
@@ -1029,10 +1350,13 @@ known_names(PyObject *module, PyObject *unused)
 }
 
 static PyMethodDef methods[] = {
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
+     "configure(Request, Response, Via, NameAddr, CSeq): the classes parse() builds"},
     {"known_names", known_names, METH_NOARGS,
      "known_names() -> dict: the built-in header name table (written -> canonical)"},
-    {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
-     "scan(data, base, head_end, max_line, max_headers, name_cache) -> tuple | None"},
+    {"parse", (PyCFunction)(void (*)(void))parse, METH_FASTCALL,
+     "parse(data, stream, max_line, max_headers, max_size, name_cache) "
+     "-> Request | Response | None"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1042,24 +1366,51 @@ static struct PyModuleDef moduledef = {
     NULL, NULL, NULL, NULL,
 };
 
+static int
+intern_all(const char *const *text, PyObject **out, int n)
+{
+    int k;
+    for (k = 0; k < n; k++) {
+        out[k] = PyUnicode_InternFromString(text[k]);
+        if (out[k] == NULL) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
 PyMODINIT_FUNC
 PyInit__fastparse(void)
 {
     PyObject *m;
-    Py_ssize_t k;
+    int k;
     init_classes();
-    for (k = 0; k < K_COUNT; k++) {
-        keys[k] = PyUnicode_InternFromString(key_text[k]);
-        if (keys[k] == NULL) {
-            return NULL;
-        }
+    if (intern_all(key_text, keys, K_COUNT) < 0 ||
+        intern_all(method_text, methods_str, N_METHODS) < 0 ||
+        intern_all(transport_text, transports_str, N_TRANSPORTS) < 0 ||
+        intern_all(header_text, headers_str, H_COUNT) < 0) {
+        return NULL;
     }
+    for (k = 0; k < K_COUNT; k++) {
+        key_len[k] = (Py_ssize_t)strlen(key_text[k]);
+    }
+    sip_2_0 = PyUnicode_InternFromString("SIP/2.0");
+    if (sip_2_0 == NULL) {
+        return NULL;
+    }
+    memset(name_slot, -1, sizeof(name_slot));
     for (k = 0; k < N_NAMES; k++) {
+        unsigned int h;
         name_canon[k] = PyUnicode_InternFromString(name_table[k][1]);
         if (name_canon[k] == NULL) {
             return NULL;
         }
         name_len[k] = (Py_ssize_t)strlen(name_table[k][0]);
+        h = name_hash(name_table[k][0], name_len[k]) & (NAME_SLOTS - 1);
+        while (name_slot[h] >= 0) {
+            h = (h + 1) & (NAME_SLOTS - 1);
+        }
+        name_slot[h] = (signed char)k;
     }
     m = PyModule_Create(&moduledef);
     if (m == NULL) {

@@ -1,41 +1,31 @@
 # Stub for the optional C accelerator built from _fastparse.c (see that file and setup.py).
 
+from collections.abc import Callable
+
+from sipcore.headers import CSeq, NameAddr, Via
+from sipcore.message import Request, Response
+
 SOURCE_HASH: str
 
-Scanned = tuple[
-    bool,  # is_response
-    int | str,  # status | method
-    str,  # reason | Request-URI
-    list[str],  # lines
-    list[str],  # names
-    dict[str, int],  # pos
-    list[int],  # offs
-    list[int],  # blens
-    str,  # call_id
-    int,  # cseq number
-    str,  # cseq method
-    str,  # via transport
-    str,  # via host
-    int | None,  # via port
-    dict[str, str | None],  # via params
-    str | None,  # from display
-    str,  # from uri
-    dict[str, str | None],  # from params
-    str | None,  # to display
-    str,  # to uri
-    dict[str, str | None],  # to params
-    int | None,  # max_forwards
-    int | None,  # content_length
-]
+# parse(data, stream, max_line, max_headers, max_size, name_cache): the parsed message, or
+# None when data is not in the common shape (the pure-Python parser decides then).
+Parse = Callable[[bytes, bool, int, int, int, dict[str, str]], Request | Response | None]
 
-def scan(
+def configure(
+    request: type[Request],
+    response: type[Response],
+    via: type[Via],
+    name_addr: type[NameAddr],
+    cseq: type[CSeq],
+    /,
+) -> None: ...
+def parse(
     data: bytes,
-    base: int,
-    head_end: int,
+    stream: bool,
     max_line: int,
     max_headers: int,
+    max_size: int,
     name_cache: dict[str, str],
     /,
-) -> Scanned | None: ...
-
+) -> Request | Response | None: ...
 def known_names() -> dict[str, str]: ...

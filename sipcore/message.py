@@ -40,13 +40,16 @@ decode and encoding gives the same bytes back); for pure ASCII header blocks -- 
 -- string offsets are byte offsets, otherwise byte offsets are computed once per line.
 
 Steps 1-4 have an optional C accelerator, ``sipcore._fastparse`` (``_fastparse.c``, built
-by setup.py where a C compiler exists).  It only recognises: given a header block in the
-common shape (ASCII, no folding, names spelt as seen before, the mandatory values in the
-forms the regex fast paths here take) it returns the index and the parsed values, and for
-anything else it returns None and the pure-Python code below runs as if it did not exist.
-It never rejects, so every verdict stays here; tests/sipcore/test_fastparse.py checks that
-both paths give identical messages.  It is used only when its compiled-in SHA-256 matches
-``_fastparse.c`` (a stale build is ignored); ``SIPBILL_PURE_PYTHON=1`` turns it off.
+by setup.py where a C compiler exists).  It only recognises: given a message in the common
+shape (ASCII header block, no folding, names spelt as seen before, the mandatory values in
+the forms the regex fast paths here take, a body Content-Length frames without error) it
+builds the very Request or Response the code below would (filling the slots directly, and
+a lone Route in the common shape as ``routes`` would cache it), and for anything else it
+returns None and the pure-Python code runs as if it did not exist.  It never rejects, so
+every verdict stays here; tests/sipcore/test_fastparse.py and bench/fuzz_fastparse.py
+check that both paths give identical messages.  It is used only when its compiled-in
+SHA-256 matches ``_fastparse.c`` (a stale build is ignored); ``SIPBILL_PURE_PYTHON=1``
+turns it off.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from itertools import accumulate, repeat
 from operator import add, itemgetter, methodcaller
 from pathlib import Path
@@ -94,7 +97,9 @@ from sipcore.uri import (
 )
 
 if TYPE_CHECKING:
-    from sipcore._fastparse import Scanned
+    from types import ModuleType
+
+    from sipcore._fastparse import Parse as _Parse
 
 __all__ = [
     "MAX_HEADERS",
@@ -750,6 +755,12 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     mandatory and must match.
     """
     try:
+        if _fast_parse is not None:
+            msg = _fast_parse(
+                data, stream, MAX_LINE_LENGTH, MAX_HEADERS, MAX_MESSAGE_SIZE, _NAME_CACHE
+            )
+            if msg is not None:
+                return msg
         return _parse(data if type(data) is bytes else bytes(data), stream)
     except SipParseError:
         raise
@@ -774,10 +785,6 @@ def _parse(data: bytes, stream: bool) -> Request | Response:
         if len(data) - base > max_size:
             raise SipParseError(513, "Message Too Large")
         raise SipParseError(400, "No blank line after the header fields")
-    if _scan is not None:
-        scanned = _scan(data, base, head_end, MAX_LINE_LENGTH, MAX_HEADERS, _NAME_CACHE)
-        if scanned is not None:
-            return _from_scan(scanned, data, base, head_end, stream)
     head_bytes = data[base:head_end]
     is_ascii = head_bytes.isascii()
     head = head_bytes.decode("ascii" if is_ascii else "utf-8", "surrogateescape")
@@ -947,68 +954,6 @@ def _set_body(
     msg._body_offset = body_start - base
 
 
-def _from_scan(
-    found: Scanned, data: bytes, base: int, head_end: int, stream: bool
-) -> Request | Response:
-    """The message for a header block the C accelerator recognised (same fields as the
-    pure-Python path would give: tests/sipcore/test_fastparse.py)."""
-    (
-        is_response,
-        start_a,
-        start_b,
-        lines,
-        names,
-        pos,
-        offs,
-        blens,
-        call_id,
-        cseq_number,
-        cseq_method,
-        via_transport,
-        via_host,
-        via_port,
-        via_params,
-        from_display,
-        from_uri,
-        from_params,
-        to_display,
-        to_uri,
-        to_params,
-        max_forwards,
-        content_length,
-    ) = found
-    msg: Request | Response
-    if is_response:
-        msg = Response.__new__(Response)
-        msg.status = cast(int, start_a)
-        msg.reason = start_b
-    else:
-        msg = Request.__new__(Request)
-        msg.method = cast(str, start_a)
-        msg.uri = start_b
-        msg._request_uri = None
-    msg._lines = lines
-    msg._names = names
-    msg._pos = pos
-    msg._ascii = True
-    msg._offs = offs
-    msg._blens = blens
-    msg._start_blen = offs[0] - 2
-    msg._top_via_text = None
-    msg._vias = None
-    msg._routes = None
-    msg._record_routes = None
-    msg._contacts = None
-    msg._call_id = call_id
-    msg._cseq = tuple.__new__(CSeq, (cseq_number, cseq_method))
-    msg._top_via = Via(via_transport, via_host, via_port, via_params)
-    msg._from = NameAddr(from_display, from_uri, from_params)
-    msg._to = NameAddr(to_display, to_uri, to_params)
-    msg._max_forwards = max_forwards
-    _set_body(msg, data, base, head_end, content_length, stream)
-    return msg
-
-
 def _index_slow(physical: list[str]) -> tuple[list[str], list[str]]:
     """Index header lines the careful way: join folded continuation lines to their field
     (RFC 3261 §7.3.1), require ``name:`` with a token name, canonicalise names not seen
@@ -1031,8 +976,8 @@ def _index_slow(physical: list[str]) -> tuple[list[str], list[str]]:
     return ["\r\n".join(parts) for parts in fields], names
 
 
-def _load_accelerator() -> Callable[..., Scanned | None] | None:
-    """``sipcore._fastparse.scan`` when the C accelerator is built from the C source next to
+def _load_accelerator() -> _Parse | None:
+    """``sipcore._fastparse.parse`` when the C accelerator is built from the C source next to
     this file (its compiled-in SHA-256 matches), else None: the pure-Python parser.
     ``SIPBILL_PURE_PYTHON=1`` forces the pure-Python parser."""
     if os.environ.get("SIPBILL_PURE_PYTHON"):
@@ -1044,15 +989,22 @@ def _load_accelerator() -> Callable[..., Scanned | None] | None:
     try:
         source = Path(__file__).with_name("_fastparse.c").read_bytes()
     except OSError:
-        return _fastparse.scan  # an installed build without its source
+        return _install_accelerator(_fastparse)  # an installed build without its source
     if hashlib.sha256(source).hexdigest() != _fastparse.SOURCE_HASH:
         return None  # built from another version of the source: stale
-    return _fastparse.scan
+    return _install_accelerator(_fastparse)
 
 
-_scan = _load_accelerator()
+def _install_accelerator(module: ModuleType) -> _Parse:
+    """Tell a built ``_fastparse`` module which classes to build (it fills their slots
+    directly) and return its ``parse``.  bench/fuzz_fastparse.py passes a sanitizer build."""
+    module.configure(Request, Response, Via, NameAddr, CSeq)
+    return cast("_Parse", module.parse)
+
+
+_fast_parse = _load_accelerator()
 #: True when parse_message uses the C accelerator for common-shape messages.
-ACCELERATED = _scan is not None
+ACCELERATED = _fast_parse is not None
 
 
 _WORD_RE = r"[A-Za-z0-9\-.!%*_+`'~()<>:\\\"/\[\]?{}]++"

@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 
 import sipcore.message as message_module
 from sipcore.errors import SipParseError
-from sipcore.headers import _NAME_CACHE
+from sipcore.headers import _NAME_CACHE, CSeq, NameAddr, Via
 from sipcore.message import Request, Response, parse_message
 from tests.sipcore.test_message_props import SEEDS, requests
 
@@ -57,7 +57,7 @@ OK_200 = (
     b"Via: SIP/2.0/UDP pc33.atlanta.example.com;branch=z9hG4bK776asdhds;rport=5060\r\n"
     b"Record-Route: <sip:proxy.example.com;lr>\r\n"
     b"t: Bob B <sip:bob@biloxi.example.com> ; tag = a6c85cf\r\n"
-    b"f: <sip:alice@atlanta.example.com>;tag=1928301774;x=\"a b=c\"\r\n"
+    b'f: <sip:alice@atlanta.example.com>;tag=1928301774;x="a b=c"\r\n'
     b"i: a84b4c76e66710\r\n"
     b"CSeq:\t314159\tINVITE \r\n"
     b"l: 0\r\n"
@@ -99,13 +99,13 @@ def _needs_accelerator() -> None:
 
 
 def _path_result(data: bytes, stream: bool, accelerated: bool) -> Any:
-    saved = message_module._scan
+    saved = message_module._fast_parse
     if not accelerated:
-        message_module._scan = None
+        message_module._fast_parse = None
     try:
         return _snapshot(data, stream)
     finally:
-        message_module._scan = saved
+        message_module._fast_parse = saved
 
 
 def _attempt(func: Callable[[], Any]) -> Any:
@@ -120,6 +120,19 @@ def _attempt(func: Callable[[], Any]) -> Any:
 
 def _na(addr: Any) -> Any:
     return (addr.display, addr.uri, addr.params, addr.is_star)
+
+
+def _slot_names(cls: type) -> list[str]:
+    """Every __slots__ entry of cls and its bases."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        names.extend((slots,) if isinstance(slots, str) else slots)
+    return names
+
+
+def _slots(obj: object) -> dict[str, Any]:
+    return {name: getattr(obj, name) for name in _slot_names(type(obj))}
 
 
 def _snapshot(data: bytes, stream: bool) -> Any:
@@ -171,7 +184,9 @@ def _snapshot(data: bytes, stream: bool) -> Any:
         )
     else:
         forwarded = _attempt(lambda: msg.forward())
-    return (*fields, forwarded)
+    # Last, every slot (the lazy ones are filled by now on both paths; the C accelerator
+    # fills _routes at parse time when it can).
+    return (*fields, forwarded, _slots(msg))
 
 
 def _assert_same(data: bytes) -> None:
@@ -181,13 +196,16 @@ def _assert_same(data: bytes) -> None:
         assert fast == slow, data
 
 
-def _scan(data: bytes) -> Any:
-    scan = message_module._scan
-    assert scan is not None
-    base = len(data) - len(data.lstrip(b"\r\n"))
-    head_end = data.find(b"\r\n\r\n", base)
-    limits = (message_module.MAX_LINE_LENGTH, message_module.MAX_HEADERS)
-    return scan(data, base, head_end, *limits, _NAME_CACHE)
+def _scan(data: bytes, stream: bool = False) -> Any:
+    """What the C accelerator makes of data: a message, or None (declined)."""
+    parse = message_module._fast_parse
+    assert parse is not None
+    limits = (
+        message_module.MAX_LINE_LENGTH,
+        message_module.MAX_HEADERS,
+        message_module.MAX_MESSAGE_SIZE,
+    )
+    return parse(data, stream, *limits, _NAME_CACHE)
 
 
 # --------------------------------------------------------------------------- the module
@@ -233,6 +251,52 @@ def test_common_messages_take_the_fast_path() -> None:
     for data in COMMON:
         assert _scan(data) is not None, data
         _assert_same(data)
+
+
+def test_every_slot_is_filled() -> None:
+    """The accelerator writes slots directly: none may be left unset (a slot added to a
+    class but not to _fastparse.c would be), and each object has the right class."""
+    for data in COMMON:
+        msg = _scan(data)
+        assert type(msg) in (Request, Response)
+        objects: list[object] = [msg, msg.cseq, msg.top_via, msg.from_addr, msg.to_addr]
+        objects.extend(msg._routes or ())
+        for obj in objects:
+            for name in _slot_names(type(obj)):
+                assert hasattr(obj, name), (type(obj).__name__, name)
+        assert type(msg.cseq) is CSeq
+        assert type(msg.top_via) is Via
+        assert type(msg.from_addr) is NameAddr
+
+
+def test_lone_route_is_parsed_up_front() -> None:
+    msg = _scan(INVITE)
+    assert msg._routes == [NameAddr(None, "sip:proxy.example.com;lr", {})]
+    # Several Route fields, or a value outside the common shape: left to the lazy accessor.
+    msg = _scan(INVITE.replace(b"Route: <sip:proxy.example.com;lr>", b"Route: <sip:a>, <sip:b>"))
+    assert msg is not None and msg._routes is None
+    msg = _scan(INVITE.replace(b"Route:", b"Route: <sip:a>\r\nRoute:"))
+    assert msg is not None and msg._routes is None
+    msg = _scan(INVITE.replace(b"Route: <sip:proxy.example.com;lr>", b"Route: <sip:p>;tag"))
+    assert msg is not None and msg._routes == [NameAddr(None, "sip:p", {"tag": None})]
+
+
+def test_configure_checks_the_classes() -> None:
+    from sipcore import _fastparse
+
+    class NoSlots:
+        pass
+
+    with pytest.raises(TypeError):
+        _fastparse.configure(NoSlots, Response, Via, NameAddr, CSeq)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _fastparse.configure(Request, Response, Via, NameAddr, tuple)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _fastparse.configure(Request, Response, Via, NameAddr, Via)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        _fastparse.configure(Request, Response, Via, NameAddr)  # type: ignore[call-arg]
+    # The failed calls changed nothing.
+    assert type(_scan(INVITE)) is Request
 
 
 @pytest.mark.parametrize(
@@ -385,23 +449,36 @@ def common_requests(draw: st.DrawFn) -> bytes:
     via_params = draw(
         st.lists(
             st.sampled_from(
-                [";rport", ";rport=5060", ";branch=z9hG4bKa", ";received=192.0.2.9", ";ttl=3",
-                 ";maddr=x", ";alias", ";branch", ";x=[::1]"]
+                [
+                    ";rport",
+                    ";rport=5060",
+                    ";branch=z9hG4bKa",
+                    ";received=192.0.2.9",
+                    ";ttl=3",
+                    ";maddr=x",
+                    ";alias",
+                    ";branch",
+                    ";x=[::1]",
+                ]
             ),
             max_size=3,
         )
     )
-    display = draw(
-        st.sampled_from(["", '"Alice" ', '"" ', "Bob ", "Bob  B\t", '"a\\b" ', "A<"])
-    )
+    display = draw(st.sampled_from(["", '"Alice" ', '"" ', "Bob ", "Bob  B\t", '"a\\b" ', "A<"]))
     fields = [
-        (draw(st.sampled_from(["Via", "v", "V"])), f"SIP/2.0/{draw(_tok)} {host}{port}"
-         + "".join(via_params)),
+        (
+            draw(st.sampled_from(["Via", "v", "V"])),
+            f"SIP/2.0/{draw(_tok)} {host}{port}" + "".join(via_params),
+        ),
         (draw(st.sampled_from(["To", "t"])), f"<sip:{draw(_tok)}@h>" + draw(_header_params(True))),
-        (draw(st.sampled_from(["From", "f"])),
-         f"{display}<sip:a@h>;tag={draw(_tok)}" + draw(_header_params(True))),
-        (draw(st.sampled_from(["Call-ID", "i"])),
-         draw(_tok) + draw(st.sampled_from(["", "@h", "@", "@h@h"]))),
+        (
+            draw(st.sampled_from(["From", "f"])),
+            f"{display}<sip:a@h>;tag={draw(_tok)}" + draw(_header_params(True)),
+        ),
+        (
+            draw(st.sampled_from(["Call-ID", "i"])),
+            draw(_tok) + draw(st.sampled_from(["", "@h", "@", "@h@h"])),
+        ),
         ("CSeq", f"{draw(st.integers(0, 2**33))}{draw(_ws) or ' '}{method}"),
         ("Max-Forwards", str(draw(st.integers(0, 300)))),
         ("Route", "<sip:p;lr>"),
@@ -420,6 +497,101 @@ def common_requests(draw: st.DrawFn) -> bytes:
 @given(common_requests())
 def test_common_shape_requests_agree(data: bytes) -> None:
     _assert_same(data)
+
+
+_ROUTE_PIECES = [
+    "<sip:p.example.com;lr>",
+    "<sip:p>",
+    "<sips:[2001:db8::1]:5061;lr;transport=tcp>",
+    '"Proxy" <sip:p;lr>',
+    '"" <sip:p>',
+    '"a\\b" <sip:p>',
+    "Edge  Proxy\t<sip:p>",
+    "<sip:p>;tag",
+    '<sip:p>;tag=1;x = "a b"',
+    "<sip:p> ; lr",
+    "<sip:a,b>",
+    "<tel:+1234>",
+    "<sip:p>,<sip:q>",
+    "sip:p;lr",
+    "<sip:p",
+    "<>",
+    "<sip:>",
+    "<1ip:p>",
+    "<sip:p>x",
+    " ",
+    "",
+    "*",
+]
+
+
+@st.composite
+def routed_requests(draw: st.DrawFn) -> bytes:
+    """INVITE with 0-2 Route fields holding generated values (the accelerator parses a lone
+    one in the common shape, and leaves every other to the lazy accessor)."""
+    fields = []
+    for _ in range(draw(st.integers(0, 2))):
+        value = draw(
+            st.sampled_from(_ROUTE_PIECES)
+            | st.builds(
+                lambda d, u, p: f"{d}<{u}>{p}",
+                st.sampled_from(["", '"P" ', "P ", "P Q "]),
+                st.sampled_from(["sip:p", "sip:u@h:5060;lr", "x-s:a"]) | _gv.map("sip:".__add__),
+                _header_params(True),
+            )
+        )
+        name = draw(st.sampled_from(["Route", "route", "ROUTE"]))
+        fields.append(f"{name}:{draw(_ws)}{value}{draw(_ws)}\r\n".encode())
+    return INVITE.replace(b"Route: <sip:proxy.example.com;lr>\r\n", b"".join(fields))
+
+
+@PROPS
+@given(routed_requests())
+def test_routes_agree(data: bytes) -> None:
+    _assert_same(data)
+
+
+@st.composite
+def framed_messages(draw: st.DrawFn) -> bytes:
+    """Common messages with leading CRLFs, a Content-Length near the body's real length,
+    or none, and bytes after the body: every way _set_body frames or rejects."""
+    data = draw(st.sampled_from(COMMON))
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = [
+        line
+        for line in head.split(b"\r\n")
+        if not line.lower().startswith((b"l:", b"content-length:"))
+    ]
+    body = draw(st.sampled_from([b"", body, b"v=0\r\n", b"\r\n\r\n"]))
+    length = draw(st.none() | st.integers(max(0, len(body) - 2), len(body) + 2))
+    if length is not None:
+        lines.insert(draw(st.integers(1, len(lines))), b"Content-Length: %d" % length)
+    lead = draw(st.sampled_from([b"", b"\r\n", b"\r\n\r\n", b"\n", b"\r"]))
+    tail = draw(st.sampled_from([b"", b"x", b"\r\n"]))
+    return lead + b"\r\n".join(lines) + b"\r\n\r\n" + body + tail
+
+
+@PROPS
+@given(framed_messages())
+def test_framing_agrees(data: bytes) -> None:
+    _assert_same(data)
+
+
+@pytest.mark.parametrize("limit", ["MAX_MESSAGE_SIZE", "MAX_LINE_LENGTH", "MAX_HEADERS"])
+def test_limits_agree_at_their_edges(limit: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caps are passed to the accelerator at each call; around each edge both paths
+    must accept and reject alike (the accelerator by declining)."""
+    for data in COMMON:
+        head = data[: data.find(b"\r\n\r\n")]
+        edge = {
+            "MAX_MESSAGE_SIZE": len(data),
+            "MAX_LINE_LENGTH": max(map(len, head.split(b"\r\n"))),
+            "MAX_HEADERS": head.count(b"\r\n"),
+        }[limit]
+        for value in range(max(0, edge - 5), edge + 6):
+            monkeypatch.setattr(message_module, limit, value)
+            _assert_same(data)
+            _assert_same(b"\r\n\r\n" + data)
 
 
 # --------------------------------------------------------------------------- pure path
