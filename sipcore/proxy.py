@@ -242,7 +242,6 @@ def new_branch(loop_hash: str = "") -> str:
 @dataclass(slots=True)
 class Branch:
     target: Target
-    request: Request
     tx: txn.ClientTxKey | None = None
     status: int = 0            # last status seen (0 none yet)
     final: bool = False
@@ -307,7 +306,7 @@ class ResponseContext:
             log.warning("event=forward_failed reason=%r target=%s", exc.reason, target.uri)
             return
         assert isinstance(fwd, Request)
-        b = Branch(target, fwd)
+        b = Branch(target)
         tx = core.stack.send_request(data, fwd, target.dest, self)
         b.tx = tx
         self.branches[tx] = b
@@ -431,9 +430,10 @@ class ResponseContext:
             for hook in self.core.failure_hooks:
                 if hook(self.ctx, status or 408, self.best):
                     return
-        if self.best is not None:
+        best, self.best = self.best, None  # not needed after this; the context may linger
+        if best is not None:
             headers = self.auth_headers if self.best_status in (401, 407) else ()
-            self._forward_upstream(self.best, merge_auth=headers)
+            self._forward_upstream(best, merge_auth=headers)
         else:
             code = status or 408
             if code == 503:
@@ -464,6 +464,7 @@ class ResponseContext:
         if status >= 200:
             self.ctx.replied = True
             self.ctx.final_status = status
+            self.core.contexts.pop(self.ctx.tx, None)  # answered (see ProxyCore._reply)
         self.core.stack.send_response(self.ctx.tx, data, status)
 
 

@@ -622,7 +622,9 @@ class _InviteClientTx(_ClientTx):
 
     __slots__ = ("ack", "cancel_state", "request")
 
-    request: Request
+    # The parsed INVITE builds the ACK for a non-2xx and the CANCEL, both only up to the
+    # final response; it is dropped then rather than kept for Timer D/M (64*T1).
+    request: Request | None
     ack: bytes | None
     cancel_state: int
 
@@ -651,12 +653,15 @@ class _InviteClientTx(_ClientTx):
             # not to send one once a final has arrived.
             layer._disarm(self)
             layer._events.append(ResponseReceived(self.key, response, source))
+            request = self.request
+            self.request = None
             if status < 300:
                 self.state = _ACCEPTED
                 layer._arm_life(self, layer._timer_m, "M", now)
                 return
             self.state = _COMPLETED
-            ack = _build_ack(self.request, response)
+            assert request is not None  # set until the first final response
+            ack = _build_ack(request, response)
             self.ack = ack
             layer._datagrams.append((ack, self.dest))
             layer._linger(self, layer._timer_d, "D", now)
@@ -1142,6 +1147,7 @@ class TransactionLayer:
         tx.cancel_state = _CANCEL_SENT
         key = ClientTxKey(tx.key.branch, "CANCEL")
         if key not in self._txs:
+            assert tx.request is not None  # cancelling is for Calling/Proceeding only
             self._start_client_tx(_NonInviteClientTx(key, _build_cancel(tx.request), tx.dest),
                                   now)
         self._arm_life(tx, self._timer_b, CANCEL_GUARD, now)
