@@ -1327,6 +1327,119 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 #undef CHECK
 }
 
+/* ------------------------------------------------------------------ splicing */
+
+typedef struct {
+    Py_ssize_t start, end, order;
+    const char *text;
+    Py_ssize_t len;
+} edit_t;
+
+static int
+edit_cmp(const void *a, const void *b)
+{
+    const edit_t *x = a, *y = b;
+    if (x->start != y->start) {
+        return x->start < y->start ? -1 : 1;
+    }
+    if (x->end != y->end) {
+        return x->end < y->end ? -1 : 1;
+    }
+    return x->order < y->order ? -1 : (x->order > y->order);
+}
+
+/* splice(raw, edits) -> bytes | None: SipMessage._splice in one allocation.  edits is a
+ * list of (start, end, replacement) tuples, applied in (start, end) order, equal spans in
+ * their given order (the stable sort _splice does); the list itself is not changed.  None
+ * -- "do it in Python" -- for anything but exact bytes/list/tuple/int arguments forming
+ * non-overlapping spans inside raw, so that the result always equals _splice's. */
+static PyObject *
+splice(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *raw, *list, *out;
+    edit_t small[16], *e;
+    Py_ssize_t n, i, len, total, pos, removed = 0, added = 0;
+    char *o;
+    (void)module;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "splice() takes 2 arguments");
+        return NULL;
+    }
+    raw = args[0];
+    list = args[1];
+    if (!PyBytes_CheckExact(raw) || !PyList_CheckExact(list)) {
+        Py_RETURN_NONE;
+    }
+    len = PyBytes_GET_SIZE(raw);
+    n = PyList_GET_SIZE(list);
+    if (n > (Py_ssize_t)(PY_SSIZE_T_MAX / sizeof(edit_t))) {
+        Py_RETURN_NONE;
+    }
+    e = n <= 16 ? small : PyMem_Malloc(n * sizeof(edit_t));
+    if (e == NULL) {
+        return PyErr_NoMemory();
+    }
+    out = Py_None;
+    for (i = 0; i < n; i++) {
+        PyObject *t = PyList_GET_ITEM(list, i), *a, *b, *c;
+        if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 3) {
+            goto done;
+        }
+        a = PyTuple_GET_ITEM(t, 0);
+        b = PyTuple_GET_ITEM(t, 1);
+        c = PyTuple_GET_ITEM(t, 2);
+        if (!PyLong_CheckExact(a) || !PyLong_CheckExact(b) || !PyBytes_CheckExact(c)) {
+            goto done;
+        }
+        e[i].start = PyLong_AsSsize_t(a);
+        e[i].end = PyLong_AsSsize_t(b);
+        if (PyErr_Occurred()) {
+            PyErr_Clear(); /* beyond Py_ssize_t: not a span of raw */
+            goto done;
+        }
+        if (e[i].start < 0 || e[i].start > e[i].end || e[i].end > len) {
+            goto done;
+        }
+        e[i].order = i;
+        e[i].text = PyBytes_AS_STRING(c);
+        e[i].len = PyBytes_GET_SIZE(c);
+        /* Non-overlapping spans remove at most len bytes in all; more means overlap. */
+        removed += e[i].end - e[i].start;
+        if (removed > len || e[i].len > PY_SSIZE_T_MAX - len - added) {
+            goto done;
+        }
+        added += e[i].len;
+    }
+    total = len - removed + added;
+    if (n > 1) {
+        qsort(e, n, sizeof(edit_t), edit_cmp);
+    }
+    for (i = 1; i < n; i++) {
+        if (e[i].start < e[i - 1].end) {
+            goto done; /* overlapping */
+        }
+    }
+    out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL) {
+        goto done;
+    }
+    o = PyBytes_AS_STRING(out);
+    pos = 0;
+    for (i = 0; i < n; i++) {
+        memcpy(o, PyBytes_AS_STRING(raw) + pos, e[i].start - pos);
+        o += e[i].start - pos;
+        memcpy(o, e[i].text, e[i].len);
+        o += e[i].len;
+        pos = e[i].end;
+    }
+    memcpy(o, PyBytes_AS_STRING(raw) + pos, len - pos);
+done:
+    if (e != small) {
+        PyMem_Free(e);
+    }
+    return out == Py_None ? Py_NewRef(Py_None) : out;
+}
+
 static PyObject *
 known_names(PyObject *module, PyObject *unused)
 {
@@ -1357,6 +1470,8 @@ static PyMethodDef methods[] = {
     {"parse", (PyCFunction)(void (*)(void))parse, METH_FASTCALL,
      "parse(data, stream, max_line, max_headers, max_size, name_cache) "
      "-> Request | Response | None"},
+    {"splice", (PyCFunction)(void (*)(void))splice, METH_FASTCALL,
+     "splice(raw, edits) -> bytes | None: SipMessage._splice, or None to do it in Python"},
     {NULL, NULL, 0, NULL},
 };
 

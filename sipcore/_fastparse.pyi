@@ -28,4 +28,9 @@ def parse(
     name_cache: dict[str, str],
     /,
 ) -> Request | Response | None: ...
+
+# splice(raw, edits): SipMessage._splice's result, or None to leave it to _splice.
+Splice = Callable[[bytes, list[tuple[int, int, bytes]]], bytes | None]
+
+def splice(raw: bytes, edits: list[tuple[int, int, bytes]], /) -> bytes | None: ...
 def known_names() -> dict[str, str]: ...

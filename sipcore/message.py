@@ -100,6 +100,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from sipcore._fastparse import Parse as _Parse
+    from sipcore._fastparse import Splice as _Splice
 
 __all__ = [
     "MAX_HEADERS",
@@ -527,8 +528,13 @@ class SipMessage:
     def _splice(self, edits: list[tuple[int, int, bytes]]) -> bytes:
         """Apply non-overlapping (start, end, replacement) edits to ``raw`` in one pass.
         Insertions (start == end) at an offset go before a replacement at that offset and
-        keep their given order."""
+        keep their given order.  The C accelerator's splice does the same in one allocation
+        (and hands anything unusual back to the loop here)."""
         raw = self.raw
+        if _fast_splice is not None:
+            spliced = _fast_splice(raw, edits)
+            if spliced is not None:
+                return spliced
         edits.sort(key=_EDIT_KEY)
         out: list[bytes] = []
         pos = 0
@@ -651,8 +657,15 @@ class Request(SipMessage):
         _check_text(via, "Via")
         names = self._names
         pos = self._pos
-        offs, blens = self._offsets()
-        edits, gone = self._remove_edits(remove_headers)
+        offs = self._offs
+        blens = self._blens
+        if offs is None or blens is None:
+            offs, blens = self._offsets()
+        gone: Collection[int]
+        if remove_headers:
+            edits, gone = self._remove_edits(remove_headers)
+        else:
+            edits, gone = [], ()
 
         if request_uri is not None:
             _check_text(request_uri, "Request-URI")
@@ -701,7 +714,8 @@ class Request(SipMessage):
                 else:
                     edits.append((offs[i], offs[i] + blens[i] + 2, b""))
 
-        edits.extend(self._tail_edits(add_headers))
+        if add_headers or "content-length" not in pos:
+            edits.extend(self._tail_edits(add_headers))
         return self._splice(edits)
 
 
@@ -731,14 +745,19 @@ class Response(SipMessage):
         several = self._count_values(first) > 1
         if not several and self._pos["via"] == first:
             raise ValueError("response has a single Via: it is not to be forwarded")
-        edits, gone = self._remove_edits(remove_headers)
+        gone: Collection[int]
+        if remove_headers:
+            edits, gone = self._remove_edits(remove_headers)
+        else:
+            edits, gone = [], ()
         if first not in gone:
             if several:
                 start, end = self._value_span(first, 0)
                 edits.append((start, end, b""))
             else:
                 edits.append((*self._line_span(first), b""))
-        edits.extend(self._tail_edits(add_headers))
+        if add_headers or "content-length" not in self._pos:
+            edits.extend(self._tail_edits(add_headers))
         return self._splice(edits)
 
 
@@ -997,9 +1016,16 @@ def _load_accelerator() -> _Parse | None:
 
 def _install_accelerator(module: ModuleType) -> _Parse:
     """Tell a built ``_fastparse`` module which classes to build (it fills their slots
-    directly) and return its ``parse``.  bench/fuzz_fastparse.py passes a sanitizer build."""
+    directly), use its ``splice`` for forwarding, and return its ``parse``.
+    bench/fuzz_fastparse.py passes a sanitizer build."""
+    global _fast_splice
     module.configure(Request, Response, Via, NameAddr, CSeq)
+    _fast_splice = module.splice
     return cast("_Parse", module.parse)
+
+
+#: ``_fastparse.splice`` when the accelerator is in use (SipMessage._splice).
+_fast_splice: _Splice | None = None
 
 
 _fast_parse = _load_accelerator()

@@ -99,13 +99,13 @@ def _needs_accelerator() -> None:
 
 
 def _path_result(data: bytes, stream: bool, accelerated: bool) -> Any:
-    saved = message_module._fast_parse
+    saved = message_module._fast_parse, message_module._fast_splice
     if not accelerated:
-        message_module._fast_parse = None
+        message_module._fast_parse = message_module._fast_splice = None
     try:
         return _snapshot(data, stream)
     finally:
-        message_module._fast_parse = saved
+        message_module._fast_parse, message_module._fast_splice = saved
 
 
 def _attempt(func: Callable[[], Any]) -> Any:
@@ -592,6 +592,58 @@ def test_limits_agree_at_their_edges(limit: str, monkeypatch: pytest.MonkeyPatch
             monkeypatch.setattr(message_module, limit, value)
             _assert_same(data)
             _assert_same(b"\r\n\r\n" + data)
+
+
+def _python_splice(raw: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
+    msg = parse_message(INVITE)
+    msg.raw = raw
+    saved = message_module._fast_splice
+    message_module._fast_splice = None
+    try:
+        return msg._splice(list(edits))
+    finally:
+        message_module._fast_splice = saved
+
+
+_offsets = st.integers(-2, 40)
+_edits = st.lists(st.tuples(_offsets, _offsets, st.binary(max_size=4)), max_size=20)
+
+
+@PROPS
+@given(st.binary(max_size=32), _edits)
+def test_splice_agrees(raw: bytes, edits: list[tuple[int, int, bytes]]) -> None:
+    """The C splice gives _splice's bytes for well-formed edits (sorted, non-overlapping,
+    inside raw) and None, leaving it to the Python loop, for anything else."""
+    from sipcore import _fastparse
+
+    given_edits = list(edits)
+    spliced = _fastparse.splice(raw, edits)
+    assert edits == given_edits  # not sorted in place
+    spans = sorted((start, end) for start, end, _ in edits)
+    well_formed = all(0 <= a <= b <= len(raw) for a, b in spans) and all(
+        spans[k][1] <= spans[k + 1][0] for k in range(len(spans) - 1)
+    )
+    if well_formed:
+        assert spliced == _python_splice(raw, edits)
+    else:
+        assert spliced is None
+
+
+def test_splice_declines_odd_arguments() -> None:
+    from sipcore import _fastparse
+
+    splice: Any = _fastparse.splice
+    assert splice(b"abc", [(0, 1, b"x")]) == b"xbc"
+    assert splice(b"abc", [(1, 1, b"x"), (0, 3, b""), (1, 1, b"y")]) is None  # overlap
+    assert splice(b"abc", [(1, 1, b"x"), (1, 2, b""), (1, 1, b"y")]) == b"axyc"
+    assert splice(b"abc", [(0, 2**70, b"")]) is None
+    assert splice(b"abc", [(0, 1, "x")]) is None
+    assert splice(b"abc", [[0, 1, b"x"]]) is None
+    assert splice(b"abc", [(True, 1, b"x")]) is None
+    assert splice(bytearray(b"abc"), []) is None
+    assert splice(b"abc", ()) is None
+    assert splice(b"abc", [(0, 1, b"x")] * 100) is None
+    assert splice(b"abc" * 100, [(k, k, b"x") for k in range(300)]) == b"xaxbxc" * 100
 
 
 # --------------------------------------------------------------------------- pure path
