@@ -10,8 +10,9 @@ Prints microseconds per operation for what a stateful proxy does with each messa
 Run: ``.venv/bin/python bench/parse.py`` (about 10 s; best of several repeats is reported,
 which is the figure least disturbed by other processes on a shared machine).  The first line
 says which parser ran: the C accelerator for common-shape messages (sipcore/_fastparse.c, built
-by ``make install`` where a C compiler exists) or the pure-Python one
-(``SIPBILL_PURE_PYTHON=1 .venv/bin/python bench/parse.py`` measures that one).
+by ``make install`` where a C compiler exists; it also does the byte splice of ``forward``) or
+the pure-Python one (``SIPBILL_PURE_PYTHON=1 .venv/bin/python bench/parse.py`` measures that
+one).  bench/fuzz_fastparse.py checks the accelerator under AddressSanitizer and UBSan.
 """
 
 from __future__ import annotations

@@ -774,13 +774,15 @@ def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
     mandatory and must match.
     """
     try:
+        if type(data) is not bytes:
+            data = bytes(data)
         if _fast_parse is not None:
             msg = _fast_parse(
                 data, stream, MAX_LINE_LENGTH, MAX_HEADERS, MAX_MESSAGE_SIZE, _NAME_CACHE
             )
             if msg is not None:
                 return msg
-        return _parse(data if type(data) is bytes else bytes(data), stream)
+        return _parse(data, stream)
     except SipParseError:
         raise
     except Exception as exc:

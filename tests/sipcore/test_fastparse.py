@@ -269,6 +269,24 @@ def test_every_slot_is_filled() -> None:
         assert type(msg.from_addr) is NameAddr
 
 
+def test_bytes_like_input_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[object] = []
+    parse = message_module._fast_parse
+    assert parse is not None
+
+    def spy(data: bytes, *args: Any) -> Any:
+        seen.append(type(data))
+        return parse(data, *args)
+
+    monkeypatch.setattr(message_module, "_fast_parse", spy)
+    expected = _slots(parse_message(INVITE))
+    for data in (bytearray(INVITE), memoryview(INVITE)):
+        msg = parse_message(data)
+        assert type(msg.raw) is bytes
+        assert _slots(msg) == expected
+    assert seen == [bytes, bytes, bytes]
+
+
 def test_lone_route_is_parsed_up_front() -> None:
     msg = _scan(INVITE)
     assert msg._routes == [NameAddr(None, "sip:proxy.example.com;lr", {})]
