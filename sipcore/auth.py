@@ -58,6 +58,7 @@ from typing import Final
 from sipcore.digest import (
     ALGORITHMS,
     AuthStatus,
+    DigestCredentials,
     DigestVerifier,
     NonceIssuer,
     select_credentials,
@@ -187,9 +188,11 @@ class DigestAuth:
         # which is also the domain the subscriber is stored under.
         return self._authenticate(ctx, uri.user, realm, realm, not register)
 
-    async def _authenticate(
+    def _authenticate(
         self, ctx: RequestContext, user: str | None, domain: str, realm: str, proxy: bool
-    ) -> bool:
+    ) -> bool | Awaitable[bool]:
+        """Everything up to the subscriber lookup runs synchronously, so a challenge (the
+        first answer to most requests) costs the pipeline no task."""
         req = ctx.request
         now = self.clock()
         mono = self.monotonic()
@@ -218,6 +221,23 @@ class DigestAuth:
             self.stats["blocked_user"] += 1
             return ctx.reply(403, "Too Many Failures")
 
+        return self._verify(ctx, creds, user, domain, realm, proxy, now, mono, user_key)
+
+    async def _verify(
+        self,
+        ctx: RequestContext,
+        creds: DigestCredentials,
+        user: str | None,
+        domain: str,
+        realm: str,
+        proxy: bool,
+        now: float,
+        mono: float,
+        user_key: str,
+    ) -> bool:
+        req = ctx.request
+        source = ctx.source.host
+        header = "Proxy-Authorization" if proxy else "Authorization"
         subscriber = await self.subscribers.get(creds.username, domain)
         stored = (
             {"MD5": subscriber.ha1_md5, "SHA-256": subscriber.ha1_sha256}

@@ -29,7 +29,7 @@ import asyncio
 import enum
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -115,6 +115,7 @@ class _Entry:
 class Pipeline:
     def __init__(self) -> None:
         self._stages: list[list[_Entry]] = [[] for _ in Stage]
+        self._flat: tuple[_Entry, ...] = ()  # every entry in walk order
         self.errors = 0
 
     def add(self, stage: Stage, handler: Handler, *, methods: Collection[str] | None = None,
@@ -125,31 +126,65 @@ class Pipeline:
             self._stages[stage].insert(0, entry)
         else:
             self._stages[stage].append(entry)
+        self._flat = tuple(e for entries in self._stages for e in entries)
 
     def handlers(self, stage: Stage) -> list[str]:
         return [e.name for e in self._stages[stage]]
 
     async def run(self, ctx: RequestContext) -> None:
         """Walk the stages; a handler error answers 500 instead of hanging the transaction."""
+        rest = self.start(ctx)
+        if rest is not None:
+            await rest
+
+    def start(self, ctx: RequestContext) -> Coroutine[Any, Any, None] | None:
+        """Walk the stages as far as the handlers answer synchronously.
+
+        Returns None when the walk is over, or a coroutine that finishes it from the first
+        handler that returned an awaitable.  Most requests a server answers itself (401/407
+        challenges, OPTIONS, 404, in-dialog relays) never wait for anything, so they cost no
+        task and no event-loop round trip.
+        """
         method = ctx.request.method
         try:
-            for entries in self._stages:
-                for entry in entries:
-                    if entry.methods is not None and method not in entry.methods:
-                        continue
-                    result = entry.handler(ctx)
-                    if not isinstance(result, bool):
-                        result = await result
-                    if result or ctx.replied:
-                        return
+            for index, entry in enumerate(self._flat):
+                if entry.methods is not None and method not in entry.methods:
+                    continue
+                result = entry.handler(ctx)
+                if not isinstance(result, bool):
+                    return self._resume(ctx, result, index + 1)
+                if result or ctx.replied:
+                    return None
             if not ctx.replied:
                 ctx.reply(500, "No Route Handler")
         except Exception:
-            self.errors += 1
-            log.exception("event=pipeline_error method=%s call_id=%s", method,
-                          ctx.request.call_id)
-            if not ctx.replied and method != "ACK":
-                ctx.reply(500, "Server Internal Error")
+            self._failed(ctx)
+        return None
+
+    async def _resume(self, ctx: RequestContext, pending: Awaitable[bool], index: int) -> None:
+        method = ctx.request.method
+        try:
+            result = await pending
+            if result or ctx.replied:
+                return
+            for entry in self._flat[index:]:
+                if entry.methods is not None and method not in entry.methods:
+                    continue
+                step = entry.handler(ctx)
+                done = step if isinstance(step, bool) else await step
+                if done or ctx.replied:
+                    return
+            if not ctx.replied:
+                ctx.reply(500, "No Route Handler")
+        except Exception:
+            self._failed(ctx)
+
+    def _failed(self, ctx: RequestContext) -> None:
+        self.errors += 1
+        method = ctx.request.method
+        log.exception("event=pipeline_error method=%s call_id=%s", method, ctx.request.call_id)
+        if not ctx.replied and method != "ACK":
+            ctx.reply(500, "Server Internal Error")
 
 
 E = TypeVar("E")

@@ -41,7 +41,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from sipcore import transaction as txn
@@ -523,14 +523,24 @@ class ProxyCore:
         request.stamp_received(source)  # §18.2.1 / RFC 3581: received/rport in our copy
         ctx = RequestContext(request, source, tx, self._reply, now=time.time())
         self.contexts[tx] = ctx
-        task = self.loop.create_task(self._run(ctx, self.loop.time()))
+        started = self.loop.time()
+        # The walk runs here as far as it can without waiting; only a request that waits
+        # (for the database, say) gets a task.
+        rest = self.pipeline.start(ctx)
+        if rest is None:
+            self._walked(ctx, started)
+            return
+        task = self.loop.create_task(self._finish(ctx, rest, started))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, ctx: RequestContext, started: float) -> None:
-        """The pipeline walk, timed: from the request's arrival until it was answered or
+    async def _finish(self, ctx: RequestContext, rest: Awaitable[None], started: float) -> None:
+        await rest
+        self._walked(ctx, started)
+
+    def _walked(self, ctx: RequestContext, started: float) -> None:
+        """Time the pipeline walk: from the request's arrival until it was answered or
         relayed (downstream answer time is not ours and is not counted)."""
-        await self.pipeline.run(ctx)
         method = ctx.request.method
         self.latency.observe(method if method in _KNOWN_METHODS else "other",
                              self.loop.time() - started)
