@@ -56,18 +56,31 @@ class TransportLimits:
     connect_timeout: float = 5.0
 
 
+#: Sources whose Peer a UDP socket remembers: a phone's requests (and every lingering
+#: transaction of them) share one Peer instead of building one per datagram (~2 µs each).
+_PEER_CACHE_SIZE = 8192
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, owner: Transports) -> None:
         self.owner = owner
         self.transport: asyncio.DatagramTransport | None = None
+        self._peers: dict[tuple[str | int, ...], Peer] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio's classes.
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self.owner.stats["udp_datagrams_in"] += 1
-        self.owner.sink.message_received(data, Peer("UDP", str(addr[0]), int(addr[1])), False)
+        owner = self.owner
+        owner.stats["udp_datagrams_in"] += 1
+        peers = self._peers
+        peer = peers.get(addr)
+        if peer is None:
+            if len(peers) >= _PEER_CACHE_SIZE:
+                peers.clear()
+            peer = peers[addr] = Peer("UDP", str(addr[0]), int(addr[1]))
+        owner.sink.message_received(data, peer, False)
 
     def error_received(self, exc: Exception) -> None:
         # ICMP port unreachable etc.; asyncio does not tell us which peer, so only count it.

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
+import pytest
+
+from sipcore import transport
 from sipcore.errors import SipParseError
 from sipcore.transport import TransportLimits, Transports
 from sipcore.transport_types import Peer
@@ -41,6 +45,32 @@ class Sink:
                 self.event.clear()
                 await self.event.wait()
         await asyncio.wait_for(loop(), timeout)
+
+
+async def test_udp_sources_share_one_peer_within_a_bounded_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(transport, "_PEER_CACHE_SIZE", 2)
+    sink = Sink()
+    t = Transports(sink)
+    host, port = await t.listen_udp("127.0.0.1", 0)
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        order = [0, 0, 1, 2, 0]  # the third source fills the cache: it starts again
+        for n, i in enumerate(order, 1):
+            socks[i].sendto(OPTIONS % (n, n), (host, port))
+            await sink.wait_for(n)
+        peers = [peer for _, peer, _ in sink.messages]
+        assert [p.port for p in peers] == [socks[i].getsockname()[1] for i in order]
+        assert peers[0] is peers[1]          # same source: the same Peer object
+        assert peers[0] == peers[4] and peers[4] is not peers[0]  # rebuilt after the clear
+        assert peers[2] != peers[3]
+    finally:
+        for s in socks:
+            s.close()
+        await t.close()
 
 
 async def test_udp_roundtrip() -> None:
