@@ -939,17 +939,22 @@ parse(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     data_obj = args[0];
-    stream = PyObject_IsTrue(args[1]);
-    max_line = PyLong_AsSsize_t(args[2]);
-    max_headers = PyLong_AsSsize_t(args[3]);
-    max_size = PyLong_AsSsize_t(args[4]);
     cache = args[5];
-    if (stream < 0 || PyErr_Occurred()) {
-        return NULL;
-    }
     if (!PyDict_CheckExact(cache)) {
         PyErr_SetString(PyExc_TypeError, "name_cache must be a dict");
         return NULL;
+    }
+    stream = PyObject_IsTrue(args[1]);
+    if (stream < 0) {
+        return NULL;
+    }
+    /* Caps beyond Py_ssize_t (or not ints at all) are for the Python code to cope with. */
+    max_line = PyLong_AsSsize_t(args[2]);
+    max_headers = max_line == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(args[3]);
+    max_size = max_headers == -1 && PyErr_Occurred() ? -1 : PyLong_AsSsize_t(args[4]);
+    if (max_size == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
     }
     if (!PyBytes_CheckExact(data_obj) || max_size < 0 || max_size > PY_SSIZE_T_MAX / 2) {
         Py_RETURN_NONE;

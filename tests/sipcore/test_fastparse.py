@@ -664,6 +664,16 @@ def test_splice_declines_odd_arguments() -> None:
     assert splice(b"abc" * 100, [(k, k, b"x") for k in range(300)]) == b"xaxbxc" * 100
 
 
+@pytest.mark.parametrize("limit", ["MAX_MESSAGE_SIZE", "MAX_LINE_LENGTH", "MAX_HEADERS"])
+@pytest.mark.parametrize("value", [1 << 70, -(1 << 70), -1])
+def test_absurd_limits_are_left_to_python(
+    limit: str, value: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(message_module, limit, value)
+    assert _scan(INVITE) is None
+    _assert_same(INVITE)
+
+
 # --------------------------------------------------------------------------- pure path
 
 
