@@ -1010,10 +1010,13 @@ def _load_accelerator() -> _Parse | None:
     try:
         source = Path(__file__).with_name("_fastparse.c").read_bytes()
     except OSError:
-        return _install_accelerator(_fastparse)  # an installed build without its source
-    if hashlib.sha256(source).hexdigest() != _fastparse.SOURCE_HASH:
+        source = None  # an installed build without its source
+    if source is not None and hashlib.sha256(source).hexdigest() != _fastparse.SOURCE_HASH:
         return None  # built from another version of the source: stale
-    return _install_accelerator(_fastparse)
+    try:
+        return _install_accelerator(_fastparse)
+    except (AttributeError, TypeError):
+        return None  # a build that does not fit these classes: run without it
 
 
 def _install_accelerator(module: ModuleType) -> _Parse:

@@ -238,6 +238,18 @@ def test_stale_or_disabled_build_is_not_used(monkeypatch: pytest.MonkeyPatch) ->
     assert message_module._load_accelerator() is None
 
 
+def test_unfitting_build_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sipcore import _fastparse
+
+    def refuse(*_: object) -> None:
+        raise TypeError("Request._lines is not a __slots__ member")
+
+    monkeypatch.setattr(_fastparse, "configure", refuse)
+    assert message_module._load_accelerator() is None
+    monkeypatch.delattr(_fastparse, "configure")
+    assert message_module._load_accelerator() is None
+
+
 def test_name_table_agrees_with_the_name_cache() -> None:
     from sipcore import _fastparse
 
