@@ -30,14 +30,27 @@ result.  This is what lets a plan read memory without a lock, keeps an AoR's row
 sub-statements of one flush (PostgreSQL leaves the order of two modifications of one row in a
 statement undefined) and keeps replies in CSeq order.
 
-*Expiry* uses a heap of ``(time, aor, contact)`` with at most one live entry per binding and
-one ``call_later`` at the earliest entry.  A refresh does not push: the new binding inherits
-the pending entry (``_sched``), and when that entry comes due early it is re-pushed at the
-binding's real expiry.  So the heap stays as large as the number of bindings however often
-phones refresh.  An expired binding leaves memory at once and is deleted from the database by
-a conditional ``DELETE ... WHERE expires_at <= <what we saw>`` in the next flush; the node whose
-delete removed the row emits :class:`ContactExpired`, so with several nodes the event is
-raised once.
+*Expiry* uses a heap of ``(time, aor, contact)`` for the bindings due within a horizon a
+minute or two ahead, and one ``call_later`` at the earliest entry.  Each binding's ``_sched``
+is when expiry looks at it next; every binding with ``_sched`` up to the horizon has exactly
+one live entry.  A scan every ``_SCAN_INTERVAL`` moves the horizon on and pushes the entries
+of the bindings that came within it, so the heap holds a few percent of the bindings (phones
+register for an hour and refresh long before): a tuple per binding cost 80 bytes of the
+memory target.  A refresh does not push: the new binding inherits the pending entry, and
+when that entry comes due early it is re-pushed at the binding's real expiry (if that is
+within the horizon; otherwise a later scan pushes it).  So the heap does not grow however
+often phones refresh.  An expired binding leaves memory at once and is deleted from the
+database by a conditional ``DELETE ... WHERE expires_at <= <what we saw>`` in the next flush;
+the node whose delete removed the row emits :class:`ContactExpired`, so with several nodes
+the event is raised once.
+
+*Memory per binding* is a target of its own (< 1 KB per registered phone, issue 3).  Strings
+that repeat across bindings are one object: the AoR string is the ``_by_aor`` key and every
+binding's ``aor``, the contact string the ``_by_contact`` key; user agents, transport names,
+source hosts and whole source addresses (many phones behind one NAT or edge proxy) are shared
+through small bounded caches; ``q`` 1.0 is one float.  Start-up streams the rows through a
+cursor rather than fetching them all, so the transient records of 100,000 rows do not leave
+freed holes between the bindings that stay.
 
 *Other nodes* (and the worker processes of one node) learn of changes by ``NOTIFY
 location_changed`` with the AoR as payload, sent by the flush in its own transaction, and reload
@@ -59,7 +72,7 @@ import contextlib
 import heapq
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -146,7 +159,7 @@ class Binding:
     instance: str | None
     reg_id: int | None
     received_at: float
-    _sched: float  # due time of this binding's live expiry heap entry
+    _sched: float  # when expiry looks at this binding next (its heap entry, if in the horizon)
 
     def __init__(
         self,
@@ -359,6 +372,18 @@ _SELECT_COLUMNS: Final = """
 # Strings repeated across many bindings (transport names, user agents) are shared, not copied
 # per binding: the memory target is < 1 KB per binding.
 _SHARED_MAX: Final = 4096
+# Source addresses and hosts: many phones behind one NAT share a host, all phones behind an
+# edge proxy one address.  Most sources are distinct, so these caches start over when full
+# (their entries are mostly the objects live bindings hold anyway: a full cache costs its dict).
+_SOURCES_MAX: Final = 4096
+#: The one ``q`` float of the bindings without a q-value (nearly all).
+_Q_DEFAULT: Final = 1.0
+#: Rows per round trip when loading every binding (start-up, resync).
+_LOAD_CHUNK: Final = 2000
+#: Seconds between the scans that push the heap entries of bindings due within twice this.
+#: A scan looks at every binding (some milliseconds for 100,000); the heap holds the bindings
+#: due within the horizon, 2 * 60 s of the usual 3,600 s registrations.
+_SCAN_INTERVAL: Final = 60.0
 #: Longest ``location_changed`` payload sent (PostgreSQL allows 8,000 bytes).
 _NOTICE_MAX: Final = 7000
 
@@ -412,7 +437,11 @@ class LocationService:
         self._by_aor: dict[str, tuple[Binding, ...]] = {}
         self._by_contact: dict[str, Binding] = {}
         self._count = 0
-        self._heap: list[tuple[float, str, str]] = []
+        self._heap: list[tuple[float, str, str]] = []  # (_sched, aor, contact)
+        # Every binding with _sched <= _horizon has a live heap entry; the scan at _scan_at
+        # moves the horizon on.
+        self._scan_at = clock() + _SCAN_INTERVAL
+        self._horizon = self._scan_at + _SCAN_INTERVAL
         self._expiry_handle: asyncio.TimerHandle | None = None
         self._expiry_at: float | None = None
         self._inflight: dict[str, asyncio.Future[None]] = {}
@@ -425,6 +454,8 @@ class LocationService:
         self._reloads: dict[str, bool] = {}  # aor -> reload again when the current one ends
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shared: dict[str, str] = {}
+        self._hosts: dict[str, str] = {}
+        self._sources: dict[Peer, Peer] = {}
         self._closed = False
         self.stats: dict[str, int] = {
             "flushes": 0,
@@ -668,23 +699,30 @@ class LocationService:
     def _install(self, aor: str, bindings: tuple[Binding, ...]) -> None:
         """Make ``bindings`` the AoR's set: contact index and expiry heap follow."""
         old = self._by_aor.get(aor, ())
+        if old and old[0].aor == aor:
+            aor = old[0].aor  # the key string
         index = self._by_contact
         for b in old:
             if index.get(b.contact) is b:
                 del index[b.contact]
-        heap = self._heap
+        horizon = self._horizon
         for b in bindings:
             index[b.contact] = b
             if b in old:
                 continue
+            if b.aor is not aor and b.aor == aor:
+                b.aor = aor  # one string per AoR
+            b.source = self._share_source(b.source)
             previous = next((o for o in old if o.contact == b.contact), None)
-            if previous is not None and previous._sched <= b.expires_at:
+            if (previous is not None and previous._sched <= horizon
+                    and previous._sched <= b.expires_at):
                 # The pending heap entry comes due no later than this binding: inherit it
                 # (it is re-pushed at the real expiry when it fires).
                 b._sched = previous._sched
             else:
                 b._sched = b.expires_at
-                heapq.heappush(heap, (b.expires_at, aor, b.contact))
+                if b.expires_at <= horizon:
+                    heapq.heappush(self._heap, (b.expires_at, aor, b.contact))
         self._count += len(bindings) - len(old)
         if bindings:
             self._by_aor[aor] = bindings
@@ -699,16 +737,37 @@ class LocationService:
             self._shared[text] = text
         return text
 
+    def _share_source(self, source: Peer) -> Peer:
+        """``source``, or an equal Peer already held; its host and transport shared too."""
+        sources = self._sources
+        shared = sources.get(source)
+        if shared is not None:
+            return shared
+        if len(sources) >= _SOURCES_MAX:
+            sources.clear()
+        transport = self._shared_str(source.transport)
+        hosts = self._hosts
+        host = hosts.get(source.host)
+        if host is None:
+            if len(hosts) >= _SOURCES_MAX:
+                hosts.clear()
+            host = hosts[source.host] = source.host
+        if transport is not source.transport or host is not source.host:
+            source = Peer(transport, host, source.port)
+        sources[source] = source
+        return source
+
     def binding_from_row(self, row: Any) -> Binding:
         """A :class:`Binding` from a ``location`` row (``_SELECT_COLUMNS``)."""
         shared = self._shared_str
         path_text: str = row["path"]
+        q: float = row["q"]
         return Binding(
             row["aor"],
             row["contact"],
-            Peer(shared(row["transport"]), row["source_host"], row["source_port"]),
+            self._share_source(Peer(row["transport"], row["source_host"], row["source_port"])),
             row["expires_at"],
-            q=row["q"],
+            q=_Q_DEFAULT if q == _Q_DEFAULT else q,
             call_id=row["call_id"],
             cseq=row["cseq"],
             path=tuple(split_values(path_text)) if path_text else (),
@@ -727,12 +786,17 @@ class LocationService:
         if self._closed:
             return
         heap = self._heap
-        if not heap:
+        if heap:
+            due = heap[0][0]
+            if self._count and self._scan_at < due:
+                due = self._scan_at
+        elif self._count:
+            due = self._scan_at  # nothing due within the horizon: move it on then
+        else:
             if self._expiry_handle is not None:
                 self._expiry_handle.cancel()
                 self._expiry_handle = self._expiry_at = None
             return
-        due = heap[0][0]
         if self._expiry_at is not None and self._expiry_at <= due:
             return
         if self._expiry_handle is not None:
@@ -741,10 +805,25 @@ class LocationService:
         self._expiry_at = due
         self._expiry_handle = loop.call_later(max(0.0, due - self.clock()), self._expire_due)
 
+    def _scan(self, now: float) -> None:
+        """Move the horizon on: push the entries of the bindings that came within it."""
+        old = self._horizon
+        new = max(old, now + 2 * _SCAN_INTERVAL)
+        heap = self._heap
+        for aor, bindings in self._by_aor.items():
+            for b in bindings:
+                if old < b._sched <= new:
+                    heapq.heappush(heap, (b._sched, aor, b.contact))
+        self._horizon = new
+        self._scan_at = now + _SCAN_INTERVAL
+
     def _expire_due(self) -> None:
         self._expiry_handle = self._expiry_at = None
         now = self.clock()
+        if now >= self._scan_at:
+            self._scan(now)
         heap = self._heap
+        horizon = self._horizon
         by_aor = self._by_aor
         expired: dict[str, list[Binding]] = {}
         retry: list[tuple[float, str, str]] = []
@@ -754,8 +833,11 @@ class LocationService:
             if binding is None or binding._sched != due:
                 continue  # removed or superseded entry
             if binding.expires_at > now:
-                binding._sched = binding.expires_at  # refreshed since: wait for the real expiry
-                heapq.heappush(heap, (binding.expires_at, aor, contact))
+                # Refreshed since: wait for the real expiry (a later scan pushes it when it
+                # comes within the horizon).
+                binding._sched = binding.expires_at
+                if binding.expires_at <= horizon:
+                    heapq.heappush(heap, (binding.expires_at, aor, contact))
             elif aor in self._inflight:
                 # A write for this AoR is in flight (it may be this binding's refresh); look
                 # again shortly rather than race it.
@@ -784,12 +866,8 @@ class LocationService:
         now = self.clock()
         async with self.pool.acquire() as conn:
             await conn.execute("DELETE FROM location WHERE expires_at <= to_timestamp($1)", now)
-            rows = await conn.fetch(
-                f"SELECT {_SELECT_COLUMNS} FROM location WHERE expires_at > to_timestamp($1) "
-                "ORDER BY aor, received_at",
-                now,
-            )
-        self._replace_all(rows)
+            grouped = await self._fetch_all(conn, now)
+        self._replace_all(grouped)
         log.info("event=location_loaded aors=%d bindings=%d", len(self._by_aor), self._count)
         return self._count
 
@@ -800,16 +878,35 @@ class LocationService:
         if {b.contact for b in before} != {b.contact for b in after}:
             self.bus.emit(ContactsReloaded(aor, after))
 
-    def _replace_all(self, rows: Iterable[Any], *, announce: bool = False) -> None:
-        grouped: dict[str, list[Binding]] = {}
-        for row in rows:
-            b = self.binding_from_row(row)
-            group = grouped.get(b.aor)
-            if group is None:
-                grouped[b.aor] = [b]
-            else:
-                b.aor = group[0].aor  # one string per AoR
+    async def _fetch_all(self, conn: Any, now: float) -> dict[str, tuple[Binding, ...]]:
+        """Every binding unexpired at ``now``, by AoR, read through a cursor in chunks: a
+        fetch of all rows at once left the records' memory as holes between the bindings
+        (freed, but not returned to the OS), which cost more than the records themselves."""
+        grouped: dict[str, tuple[Binding, ...]] = {}
+        group: list[Binding] = []
+        async with conn.transaction(readonly=True):
+            cursor = conn.cursor(
+                f"SELECT {_SELECT_COLUMNS} FROM location WHERE expires_at > to_timestamp($1) "
+                "ORDER BY aor, received_at",
+                now,
+                prefetch=_LOAD_CHUNK,
+            )
+            async for row in cursor:
+                b = self.binding_from_row(row)
+                if group and b.aor == group[0].aor:
+                    b.aor = group[0].aor  # one string per AoR
+                else:
+                    if group:
+                        grouped[group[0].aor] = tuple(group)
+                        group.clear()
                 group.append(b)
+        if group:
+            grouped[group[0].aor] = tuple(group)
+        return grouped
+
+    def _replace_all(
+        self, grouped: dict[str, tuple[Binding, ...]], *, announce: bool = False
+    ) -> None:
         for aor in [a for a in self._by_aor if a not in grouped and a not in self._inflight]:
             before = self._by_aor.get(aor, ())
             self._install(aor, ())
@@ -818,7 +915,7 @@ class LocationService:
         for aor, bindings in grouped.items():
             if aor not in self._inflight:
                 before = self._by_aor.get(aor, ())
-                self._install(aor, tuple(bindings))
+                self._install(aor, bindings)
                 if announce:
                     self._announce_reload(aor, before, self._by_aor.get(aor, ()))
         self._arm_expiry()
@@ -932,12 +1029,8 @@ class LocationService:
     async def resync(self) -> None:
         """Reload every binding from the database (after a lost LISTEN connection)."""
         async with asyncio.timeout(max(self.write_timeout, 30.0)), self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                f"SELECT {_SELECT_COLUMNS} FROM location WHERE expires_at > to_timestamp($1) "
-                "ORDER BY aor, received_at",
-                self.clock(),
-            )
-        self._replace_all(rows, announce=True)
+            grouped = await self._fetch_all(conn, self.clock())
+        self._replace_all(grouped, announce=True)
         self.stats["resyncs"] += 1
 
     def _spawn(self, coro: Any) -> None:

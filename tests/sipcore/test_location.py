@@ -256,6 +256,50 @@ async def test_restart_loads_unexpired_bindings(
         await second.close()
 
 
+async def test_restart_shares_repeated_strings_and_sources(
+    db_pool: asyncpg.Pool, bus: EventBus, clean: None
+) -> None:
+    """What a binding costs is a target (< 1 KB per phone): what repeats is one object."""
+    first = LocationService(db_pool, bus)
+    natted = Peer("UDP", "203.0.113.9", 40000)
+    for i in range(4):
+        aor = f"sip:{2000 + i}@example.com"
+        await first.update(aor, add(binding(aor, f"sip:{2000 + i}@10.0.0.{i}:5060",
+                                            user_agent="Phone/2.0"),
+                                    binding(aor, f"sip:{2000 + i}@10.1.0.{i}:5060",
+                                            user_agent="Phone/2.0")))
+    await first.update("sip:2010@example.com", add(Binding(
+        "sip:2010@example.com", "sip:2010@192.0.2.1", natted, time.time() + 3600, q=0.5)))
+    await first.close()
+    second = LocationService(db_pool, bus)
+    try:
+        assert await second.load() == 9
+        loaded = [b for aor in second.aors() for b in second.lookup(aor)]
+        assert len(loaded) == 9
+        for aor, bindings in second._by_aor.items():
+            assert all(b.aor is aor for b in bindings)  # the key is every binding's AoR
+        for contact, b in second._by_contact.items():
+            assert contact is b.contact
+        plain = [b for b in loaded if b.q == 1.0]
+        assert len(plain) == 8
+        assert all(b.source is plain[0].source for b in plain)  # one Peer per source
+        assert all(b.user_agent is plain[0].user_agent for b in plain)
+        assert all(b.q is plain[0].q for b in plain)  # one float
+        (other,) = second.lookup("sip:2010@example.com")
+        assert other.source == natted and other.q == 0.5
+        assert other.source.transport is plain[0].source.transport
+        # A REGISTER's binding shares them too (the registrar makes a Peer per request).
+        aor = "sip:2000@example.com"
+        fresh = binding(aor, "sip:2000@10.9.9.9:5060")
+        fresh.source = Peer("".join(["U", "DP"]), "".join(["198.51.", "100.7"]), 40123)
+        await second.update(aor, add(fresh))
+        assert fresh.source is plain[0].source and fresh.aor is loaded[0].aor
+        # Far expiries wait for a scan: nothing of an hour's registrations is in the heap.
+        assert second._heap == []
+    finally:
+        await second.close()
+
+
 # ------------------------------------------------------------------------------------ expiry
 
 
@@ -314,6 +358,41 @@ async def test_shortened_expiry_is_honoured(location: LocationService, bus: Even
     await _settle(location)
     assert location.lookup(aor) == ()
     assert [type(e) for e in events.seen] == [ContactExpired]
+
+
+async def test_far_expiries_enter_the_heap_when_a_scan_brings_them_within_the_horizon(
+    db_pool: asyncpg.Pool, bus: EventBus, clean: None
+) -> None:
+    skew = [0.0]
+    service = LocationService(db_pool, bus, clock=lambda: time.time() + skew[0])
+    await service.load()
+    try:
+        events = Events(bus)
+        aor = "sip:ivy@example.com"
+        far = binding(aor, "sip:v@far", expires_in=3600)
+        near = binding(aor, "sip:v@near", expires_in=30)
+        await service.update(aor, add(far, near))
+        assert [entry[2] for entry in service._heap] == ["sip:v@near"]
+
+        def refresh(current: tuple[Binding, ...]) -> BindingChange:
+            new = binding(aor, "sip:v@far", expires_in=3700)
+            return BindingChange((new, near), refreshed=(new,))
+
+        await service.update(aor, refresh)  # outside the horizon: still no entry
+        assert [entry[2] for entry in service._heap] == ["sip:v@near"]
+        refreshed = service.lookup_contact("sip:v@far")
+        skew[0] = 3700 - 100.0  # an hour on: near is long gone, far comes within the horizon
+        service._expire_due()
+        await _settle(service)
+        assert [entry[2] for entry in service._heap] == ["sip:v@far"]
+        assert service.lookup(aor) == (refreshed,)
+        skew[0] = 3701.0
+        service._expire_due()
+        await _settle(service)
+        assert service.lookup(aor) == () and service._heap == []
+        assert [e.binding for e in events.seen] == [near, refreshed]  # type: ignore[attr-defined]
+    finally:
+        await service.close()
 
 
 async def _settle(location: LocationService) -> None:
