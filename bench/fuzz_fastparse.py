@@ -13,7 +13,7 @@ alone.  Worker processes run with ``PYTHONMALLOC=malloc`` so that Python objects
 in the memory ASan watches, and collect garbage now and then so a reference-count error
 shows up as a use-after-free.
 
-Run (10-15 minutes per million messages on 2 cores)::
+Run (5 minutes per million messages on 2 idle cores, up to 12 under other load)::
 
     .venv/bin/python bench/fuzz_fastparse.py 1000000            # COUNT messages
     .venv/bin/python bench/fuzz_fastparse.py 20000 --seed 7 --jobs 1
