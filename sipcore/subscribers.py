@@ -8,6 +8,11 @@ lookup of the softphone in seed 000. Changing the password recomputes all three.
 The registrar reads HA1s on every authentication, so :class:`SubscriberStore` keeps an
 in-memory cache that is filled on first use and updated by the store's own writes; other nodes
 learn of changes by ``NOTIFY subscribers_changed`` (see :meth:`SubscriberStore.listen`).
+
+The cache holds an entry per registered phone, and memory per phone is a target of its own
+(issue 3): the three secrets are one ``bytes`` of raw digests (64 bytes, 112 with the object,
+where three hex strings took 320), the cache is keyed ``domain -> username`` (no key tuple per
+subscriber) and a cached subscriber's ``username`` and ``domain`` are the cache's key strings.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 from asyncpg import Record
@@ -37,14 +42,62 @@ class SubscriberExists(SubscriberError):
     """``add`` of a username@domain that is already a subscriber."""
 
 
+# Raw digest lengths: HA1-MD5, HA1-SHA-256, MD5(password), packed in this order.
+_MD5: Final = 16
+_SHA256: Final = 32
+_PACKED: Final = _MD5 + _SHA256 + _MD5
+
+
+def pack_secrets(ha1_md5: str, ha1_sha256: str, password_md5: str) -> bytes | tuple[str, ...]:
+    """The three hex secrets as one ``bytes`` of raw digests; the strings themselves if one
+    is not hex of the right length (a row written by hand), so that it still compares as it
+    did (never equal to a real digest)."""
+    try:
+        packed = bytes.fromhex(ha1_md5) + bytes.fromhex(ha1_sha256) + bytes.fromhex(password_md5)
+    except ValueError:
+        return (ha1_md5, ha1_sha256, password_md5)
+    if (len(ha1_md5), len(ha1_sha256)) != (2 * _MD5, 2 * _SHA256) or len(packed) != _PACKED:
+        return (ha1_md5, ha1_sha256, password_md5)
+    return packed
+
+
 @dataclass(frozen=True, slots=True)
 class Subscriber:
+    """A subscriber with its derived secrets (see :func:`pack_secrets`); the hex forms the
+    digest code hashes with are made on access.  ``created_at`` is only filled by
+    :meth:`SubscriberStore.list` and :meth:`SubscriberStore.add` (the cache does not keep it)."""
+
     username: str
     domain: str
-    ha1_md5: str
-    ha1_sha256: str
-    password_md5: str
+    secrets: bytes | tuple[str, ...] = field(repr=False)  # no secrets in logs
     created_at: datetime | None = None
+
+    @classmethod
+    def from_hex(
+        cls,
+        username: str,
+        domain: str,
+        ha1_md5: str,
+        ha1_sha256: str,
+        password_md5: str,
+        created_at: datetime | None = None,
+    ) -> Subscriber:
+        return cls(username, domain, pack_secrets(ha1_md5, ha1_sha256, password_md5), created_at)
+
+    @property
+    def ha1_md5(self) -> str:
+        s = self.secrets
+        return s[:_MD5].hex() if isinstance(s, bytes) else s[0]
+
+    @property
+    def ha1_sha256(self) -> str:
+        s = self.secrets
+        return s[_MD5 : _MD5 + _SHA256].hex() if isinstance(s, bytes) else s[1]
+
+    @property
+    def password_md5(self) -> str:
+        s = self.secrets
+        return s[_MD5 + _SHA256 :].hex() if isinstance(s, bytes) else s[2]
 
     @property
     def aor(self) -> str:
@@ -72,10 +125,14 @@ def _check_names(username: str, domain: str) -> None:
 
 
 def _row(r: Any) -> Subscriber:
-    return Subscriber(
+    return Subscriber.from_hex(
         r["username"], r["domain"], r["ha1_md5"], r["ha1_sha256"], r["password_md5"],
         r["created_at"],
     )
+
+
+#: Bound of the cache (entries, negative ones included) against a dictionary attack on names.
+_CACHE_MAX: Final = 200_000
 
 
 class SubscriberStore:
@@ -85,12 +142,39 @@ class SubscriberStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-        self._cache: dict[tuple[str, str], Subscriber | None] = {}
+        # domain (lower case) -> username -> subscriber, None for "no such subscriber".
+        self._cache: dict[str, dict[str, Subscriber | None]] = {}
+        self._cached = 0
+        self._domains: dict[str, str] = {}  # one string per domain
         self._listen_conn: PoolConnectionProxy[Record] | None = None
+
+    def _cache_put(self, username: str, domain: str, sub: Subscriber | None) -> None:
+        """Cache ``sub`` under the key strings, which it then shares (``domain`` lower case)."""
+        if self._cached >= _CACHE_MAX:
+            self._cache.clear()  # bound memory against a dictionary attack on usernames
+            self._domains.clear()
+            self._cached = 0
+        domain = self._domains.setdefault(domain, domain)
+        users = self._cache.get(domain)
+        if users is None:
+            users = self._cache[domain] = {}
+        if username not in users:
+            self._cached += 1
+        if sub is not None and (sub.username is not username or sub.domain is not domain):
+            sub = Subscriber(username, domain, sub.secrets, sub.created_at)
+        users[username] = sub
+
+    def _cache_drop(self, username: str, domain: str) -> None:
+        users = self._cache.get(domain)
+        if users is not None and username in users:
+            del users[username]
+            self._cached -= 1
+            if not users:
+                del self._cache[domain]
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         user, _, dom = str(payload).partition("@")
-        self._cache.pop((user, dom.lower()), None)
+        self._cache_drop(user, dom.lower())
 
     async def add(self, username: str, domain: str, password: str) -> Subscriber:
         _check_names(username, domain)
@@ -111,7 +195,7 @@ class SubscriberStore:
                 raise SubscriberExists(f"subscriber {username}@{domain} already exists")
             await conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, f"{username}@{domain}")
         sub = _row(row)
-        self._cache[(username, sub.domain)] = sub
+        self._cache_put(username, sub.domain, sub)
         return sub
 
     async def ensure(self, username: str, domain: str, password: str) -> bool:
@@ -139,7 +223,7 @@ class SubscriberStore:
             if status.endswith(" 0"):
                 raise SubscriberError(f"no subscriber {username}@{domain}")
             await conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, f"{username}@{domain}")
-        self._cache.pop((username, domain.lower()), None)
+        self._cache_drop(username, domain.lower())
 
     async def delete(self, username: str, domain: str) -> None:
         async with self.pool.acquire() as conn:
@@ -150,7 +234,7 @@ class SubscriberStore:
             if status.endswith(" 0"):
                 raise SubscriberError(f"no subscriber {username}@{domain}")
             await conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, f"{username}@{domain}")
-        self._cache.pop((username, domain.lower()), None)
+        self._cache_drop(username, domain.lower())
 
     async def list(self, domain: str | None = None) -> list[Subscriber]:
         async with self.pool.acquire() as conn:
@@ -164,24 +248,29 @@ class SubscriberStore:
 
     async def get(self, username: str, domain: str) -> Subscriber | None:
         """The subscriber, from the cache when possible (negative answers are cached too)."""
-        key = (username, domain.lower())
-        if key in self._cache:
-            return self._cache[key]
+        domain = domain.lower()
+        users = self._cache.get(domain)
+        if users is not None and username in users:
+            return users[username]
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
-                "SELECT * FROM subscribers WHERE username = $1 AND domain = $2", *key
+                "SELECT ha1_md5, ha1_sha256, password_md5 FROM subscribers "
+                "WHERE username = $1 AND domain = $2",
+                username,
+                domain,
             )
-        sub = _row(row) if row is not None else None
-        if len(self._cache) > 200_000:
-            self._cache.clear()  # bound memory against a dictionary attack on usernames
-        self._cache[key] = sub
+        domain = self._domains.get(domain, domain)
+        sub = None
+        if row is not None:
+            sub = Subscriber.from_hex(username, domain, row[0], row[1], row[2])
+        self._cache_put(username, domain, sub)
         return sub
 
     def exists_cached(self, username: str, domain: str) -> bool | None:
-        hit = self._cache.get((username, domain.lower()), False)
-        if hit is False:
+        users = self._cache.get(domain.lower())
+        if users is None or username not in users:
             return None
-        return hit is not None
+        return users[username] is not None
 
     async def listen(self) -> None:
         """Drop cache entries when another node changes a subscriber (LISTEN/NOTIFY)."""

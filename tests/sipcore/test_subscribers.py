@@ -1,0 +1,121 @@
+"""SubscriberStore and Subscriber: derived secrets only, kept compactly in the cache (one
+``bytes`` of raw digests per subscriber, key strings shared), against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import sys
+
+import asyncpg
+import pytest
+
+from sipcore.digest import ha1
+from sipcore.subscribers import (
+    Subscriber,
+    SubscriberError,
+    SubscriberStore,
+    derive_secrets,
+    pack_secrets,
+)
+
+
+@pytest.fixture
+async def store(db_pool: asyncpg.Pool) -> SubscriberStore:
+    await db_pool.execute("DELETE FROM subscribers")
+    return SubscriberStore(db_pool)
+
+
+def test_secrets_are_one_bytes_object_of_raw_digests() -> None:
+    md5, sha, pmd5 = derive_secrets("alice", "example.com", "pw")
+    assert md5 == ha1("alice", "example.com", "pw", "MD5")
+    assert sha == ha1("alice", "example.com", "pw", "SHA-256")
+    assert pmd5 == hashlib.md5(b"pw").hexdigest()
+    sub = Subscriber.from_hex("alice", "example.com", md5, sha, pmd5)
+    assert isinstance(sub.secrets, bytes) and len(sub.secrets) == 64
+    assert (sub.ha1_md5, sub.ha1_sha256, sub.password_md5) == (md5, sha, pmd5)
+    assert sub.ha1("MD5") == sub.ha1("md5-sess") == md5
+    assert sub.ha1("SHA-256") == sub.ha1("SHA-256-sess") == sha
+    # Three hex strings took 96 + 128 + 96 bytes (pymalloc size classes); this one 112.
+    assert sys.getsizeof(sub.secrets) <= 112
+    # Upper-case hex from a hand-written row still gives the lower-case HA1 the digest hashes.
+    assert Subscriber.from_hex("a", "b", md5.upper(), sha.upper(), pmd5).ha1_md5 == md5
+
+
+def test_secrets_that_are_not_hex_digests_are_kept_as_written() -> None:
+    for values in (("", "", ""), ("zz" * 16, "00" * 32, "00" * 16), ("00" * 17, "00" * 31, "00")):
+        assert pack_secrets(*values) == values
+        sub = Subscriber("a", "b", pack_secrets(*values))
+        assert (sub.ha1_md5, sub.ha1_sha256, sub.password_md5) == values
+
+
+def test_repr_shows_no_secret() -> None:
+    md5, sha, pmd5 = derive_secrets("alice", "example.com", "pw")
+    text = repr(Subscriber.from_hex("alice", "example.com", md5, sha, pmd5))
+    assert "alice" in text
+    for secret in (md5, sha, pmd5, bytes.fromhex(md5).hex()[:8]):
+        assert secret not in text
+
+
+async def test_get_caches_and_shares_key_strings(store: SubscriberStore) -> None:
+    await store.add("1001", "example.com", "pw1")
+    await store.add("1002", "example.com", "pw2")
+    fresh = SubscriberStore(store.pool)
+    # Names as a request would carry them: distinct string objects per request.
+    user1, user2 = "".join(["10", "01"]), "".join(["10", "02"])
+    a = await fresh.get(user1, "EXAMPLE.com")
+    b = await fresh.get(user2, "example.COM")
+    assert a is not None and b is not None
+    assert a.ha1_md5 == derive_secrets("1001", "example.com", "pw1")[0]
+    assert a.domain == "example.com" and a.domain is b.domain  # one domain string
+    assert a.username is user1  # the cache key is the subscriber's own string
+    assert a.created_at is None  # the cache does not keep it
+    assert await fresh.get("1001", "example.com") is a  # from the cache
+    assert list(fresh._cache) == ["example.com"]
+    assert fresh.exists_cached("1001", "EXAMPLE.COM") is True
+    assert fresh.exists_cached("1003", "example.com") is None
+    assert await fresh.get("1003", "example.com") is None  # negative answers are cached
+    assert fresh.exists_cached("1003", "example.com") is False
+
+
+async def test_writes_update_the_cache(store: SubscriberStore) -> None:
+    added = await store.add("1001", "example.com", "pw1")
+    assert added.created_at is not None
+    assert await store.get("1001", "example.com") == Subscriber(
+        "1001", "example.com", added.secrets, added.created_at)
+    await store.set_password("1001", "example.com", "pw2")
+    changed = await store.get("1001", "example.com")
+    assert changed is not None
+    assert changed.ha1_sha256 == derive_secrets("1001", "example.com", "pw2")[1]
+    await store.delete("1001", "example.com")
+    assert await store.get("1001", "example.com") is None
+    with pytest.raises(SubscriberError):
+        await store.delete("1001", "example.com")
+    listed = await store.list()
+    assert listed == []
+
+
+async def test_other_node_changes_drop_the_entry(db_pool: asyncpg.Pool,
+                                                 store: SubscriberStore) -> None:
+    await store.add("1001", "example.com", "pw1")
+    other = SubscriberStore(db_pool)
+    await other.listen()
+    try:
+        assert await other.get("1001", "example.com") is not None
+        await store.set_password("1001", "example.com", "pw2")
+        for _ in range(100):
+            if other.exists_cached("1001", "example.com") is None:
+                break
+            await asyncio.sleep(0.01)
+        sub = await other.get("1001", "example.com")
+        assert sub is not None
+        assert sub.ha1_md5 == derive_secrets("1001", "example.com", "pw2")[0]
+    finally:
+        await other.close()
+
+
+async def test_cache_is_bounded(store: SubscriberStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sipcore.subscribers._CACHE_MAX", 3)
+    for i in range(7):
+        await store.get(f"u{i}", "example.com")
+        assert store._cached == sum(len(users) for users in store._cache.values()) <= 3
