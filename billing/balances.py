@@ -5,10 +5,19 @@ reservations of its account's calls in progress (:meth:`billing.ledger.Ledger.di
 Reading that costs a query per REGISTER, which was the largest single cost of a REGISTER; phones
 refresh far more often than balances change, so the figure is cached here per subscriber.
 
+The figure belongs to the account, so the cache holds two maps: subscriber -> account id (or
+None: no account) and account id -> shown balance, one object shared by the account's
+subscribers. Memory per registered phone is a target of its own (issue 3): this costs a dict
+entry per subscriber plus one balance per account, some 300 bytes for a phone with an account
+of its own, half of what a balance per subscriber and a reverse index of key tuples in a set
+per account cost.
+
 Staying current: migration 0005 makes every change to an account's balance or currency, to its
 reservations, or to which account a subscriber belongs to, send ``NOTIFY billing_account_changed``
 with the account id from the changing transaction. The cache listens and forgets that account's
-subscribers; the next read queries again. Three rules keep a stale figure from being served:
+balance (a change of which account a subscriber belongs to also names the subscriber, whose
+entry is forgotten too); the next read queries again. Three rules keep a stale figure from
+being served:
 
 * an entry is only stored while the LISTEN connection is up (the billing service's one
   listening connection, which also hears rate changes); losing it empties the cache, and
@@ -50,11 +59,12 @@ class BalanceCache:
     def __init__(self, ledger: Ledger, *, max_entries: int = 100_000) -> None:
         self.ledger = ledger
         self.max_entries = max_entries
-        # domain -> username -> shown: a few domains, so no key tuple per subscriber (memory
-        # per registered phone is a target of its own).
-        self._entries: dict[str, dict[str, DisplayBalance | None]] = {}
+        # domain -> username -> account id (None: no account): a few domains, so no key
+        # tuple per subscriber; the account id object is the one of the account's balance.
+        self._entries: dict[str, dict[str, int | None]] = {}
         self._size = 0
-        self._by_account: dict[int, set[tuple[str, str]]] = {}
+        self._balances: dict[int, DisplayBalance] = {}  # account id -> shown
+        self._currencies: dict[str, str] = {}  # one string per currency
         self._generation = 0  # notifications seen; a read spanning one is not stored
         self._listening = False
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, "invalidations": 0,
@@ -89,9 +99,16 @@ class BalanceCache:
         """The subscriber's shown balance (None without an account). Database errors of a
         miss propagate, as from :meth:`Ledger.display_balance`."""
         users = self._entries.get(domain)
-        if users is not None and username in users:
-            self.stats["hits"] += 1
-            return users[username]
+        if users is not None:
+            account_id = users.get(username, _ABSENT)
+            if account_id is None:
+                self.stats["hits"] += 1
+                return None
+            if account_id is not _ABSENT:
+                cached = self._balances.get(account_id)
+                if cached is not None:
+                    self.stats["hits"] += 1
+                    return cached
         self.stats["misses"] += 1
         generation = self._generation
         shown = await self.ledger.display_balance(username, domain)
@@ -101,9 +118,18 @@ class BalanceCache:
             users = self._entries.setdefault(domain, {})
             if username not in users:
                 self._size += 1
-            users[username] = shown
-            if shown is not None:
-                self._by_account.setdefault(shown.account_id, set()).add((username, domain))
+            if shown is None:
+                users[username] = None
+            else:
+                held = self._balances.get(shown.account_id)
+                if held == shown:
+                    shown = held  # another subscriber of the account read it
+                else:
+                    currency = self._currencies.setdefault(shown.currency, shown.currency)
+                    if currency is not shown.currency:
+                        shown = DisplayBalance(shown.account_id, currency, shown.amount)
+                    self._balances[shown.account_id] = shown
+                users[username] = shown.account_id
         return shown
 
     def _forget(self, username: str, domain: str) -> None:
@@ -113,7 +139,7 @@ class BalanceCache:
 
     def _clear(self) -> None:
         self._entries.clear()
-        self._by_account.clear()
+        self._balances.clear()
         self._size = 0
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
@@ -126,7 +152,6 @@ class BalanceCache:
         except ValueError:
             self._clear()
             return
-        for username, domain in self._by_account.pop(account_id, ()):
-            self._forget(username, domain)
+        self._balances.pop(account_id, None)
         if len(fields) == 3:
             self._forget(fields[1], fields[2])

@@ -159,3 +159,30 @@ async def test_a_change_during_a_miss_is_not_stored(db_pool: asyncpg.Pool) -> No
         assert len(balances) == 0  # the read spanned a notification: used, not kept
         fresh = await balances.display_balance("2104", "cache.example")
         assert fresh is not None and fresh.amount == Decimal("3.00") and len(balances) == 1
+
+
+async def test_the_subscribers_of_an_account_share_its_balance(
+    db_pool: asyncpg.Pool, cache: BalanceCache
+) -> None:
+    ledger = Ledger(db_pool)
+    seen = cache.stats["invalidations"]
+    account_id = await _account(ledger, "cache-shared", "2105", "7.00")
+    await ledger.attach_subscriber(account_id, "2106", "cache.example")
+    await _eventually(lambda: cache.stats["invalidations"] >= seen + 2, "the attachments")
+    first = await cache.display_balance("2105", "cache.example")
+    second = await cache.display_balance("2106", "cache.example")
+    assert first == DisplayBalance(account_id, "EUR", Decimal("7.00"))
+    assert second is first  # one object per account, not per subscriber
+    assert cache._entries["cache.example"]["2106"] is first.account_id
+    assert len(cache) == 2 and len(cache._balances) == 1
+
+    # A posting drops the account's figure, not which account the subscribers belong to.
+    seen = cache.stats["invalidations"]
+    await ledger.topup(account_id, Decimal("1.00"))
+    await _eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
+    assert len(cache) == 2 and not cache._balances
+    hits = cache.stats["hits"]
+    third = await cache.display_balance("2106", "cache.example")
+    assert third is not None and third.amount == Decimal("8.00")
+    assert await cache.display_balance("2105", "cache.example") is third
+    assert cache.stats["hits"] == hits + 1
