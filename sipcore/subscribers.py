@@ -180,7 +180,9 @@ class SubscriberStore:
         _check_names(username, domain)
         if not password:
             raise SubscriberError("password must not be empty")
-        md5, sha, pmd5 = derive_secrets(username, domain, password)
+        # Stored and challenged lower-case (the realm is the canonical domain), so derived
+        # lower-case too, as set_password does: "Example.COM" must not get unusable HA1s.
+        md5, sha, pmd5 = derive_secrets(username, domain.lower(), password)
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
                 """

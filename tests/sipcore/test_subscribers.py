@@ -119,3 +119,16 @@ async def test_cache_is_bounded(store: SubscriberStore, monkeypatch: pytest.Monk
     for i in range(7):
         await store.get(f"u{i}", "example.com")
         assert store._cached == sum(len(users) for users in store._cache.values()) <= 3
+
+
+async def test_a_domain_in_capitals_gets_the_secrets_of_its_stored_form(
+    store: SubscriberStore,
+) -> None:
+    added = await store.add("7001", "Example.COM", "pw7001")
+    assert added.domain == "example.com"
+    # The realm challenged for the domain is its stored, lower-case form.
+    assert added.ha1_md5 == ha1("7001", "example.com", "pw7001", "MD5")
+    assert added.ha1_sha256 == ha1("7001", "example.com", "pw7001", "SHA-256")
+    await store.set_password("7001", "EXAMPLE.com", "pw7001")
+    fetched = await store.get("7001", "example.com")
+    assert fetched is not None and fetched.ha1_md5 == added.ha1_md5
