@@ -4,8 +4,11 @@ Theory of operation
 -------------------
 
 :class:`ProxyCore` is the :class:`~sipcore.stack.TransactionUser`. Every new server transaction
-becomes a :class:`~sipcore.pipeline.RequestContext` that walks the pipeline in a task. The core
-registers its own handlers at both ends of the walk:
+becomes a :class:`~sipcore.pipeline.RequestContext` that walks the pipeline: synchronously as
+far as the handlers answer without waiting (challenges, OPTIONS, 404, in-dialog relays), in a
+task from the first handler that must wait (a database lookup). The context is dropped when the
+final response goes out; the transaction repeats that response by itself for Timer J/L. The
+core registers its own handlers at both ends of the walk:
 
 * ``REQINIT`` (:meth:`ProxyCore._reqinit`): Max-Forwards (483, §16.3 step 3), loop detection
   (482, §16.3 step 4 / RFC 5393: our Via branch carries a hash of the request's routing
