@@ -33,16 +33,26 @@ Call events (:mod:`sipcore.proxy`)
     both legs (:meth:`ProxyCore.end_dialog`, reason ``credit_exhausted``);
     ``DialogTerminated`` settles (caller_bye, callee_bye, killed, credit_exhausted);
     ``CallFailed`` releases the reservation with the final status (busy, no_answer,
-    rejected, offline, cancelled: the callee's missed calls). Event listeners run as tasks,
-    so the database work of one call runs under that call's lock, in the order the events
-    happened: a BYE right after the 200 OK is never settled before the answer is recorded.
-    An event is matched to a call by its :class:`RequestContext`, so the 407 answer to an
-    INVITE without credentials never closes the authenticated INVITE that follows it.
+    rejected, offline, cancelled: the callee's missed calls). A call is forgotten by the
+    event that ends it, so at most one settlement or release runs per call; it runs as a
+    task and carries the answer time, so a BYE right after the 200 OK is billed from the
+    answer even if the batched answer write has not happened yet. An event is matched to a
+    call by its :class:`RequestContext`, so the 407 answer to an INVITE without credentials
+    never closes the authenticated INVITE that follows it.
+
+Calls between subscribers
+    Cost no query and no task of their own: where the call goes (the callee's voicemail while
+    its account is locked) comes from :class:`DiversionCache`, kept current by NOTIFY, and
+    the CDR's open, answer and end are marked in :class:`FreeCallRecorder`, which writes
+    the marked records of each tenth of a second in one statement. A caller who is to see
+    a balance, or a callee not seen before, costs a lookup (usually a cache hit).
 
 Database trouble during a call
     Timers are local and keep running. Recording the answer, settling and failing are
     retried with back-off until they go through; a settlement carries the end time it was
-    given, so a late write still bills the right seconds.
+    given, so a late write still bills the right seconds. Calls between subscribers go
+    through (undiverted if the callee's account is not cached); their CDRs wait in memory
+    until the database is back.
 
 Crash recovery
     At start-up :meth:`CreditControl.start` registers a new incarnation of this node (named
@@ -72,7 +82,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import asyncpg
 
@@ -86,6 +96,8 @@ from billing.credit import (
     Settlement,
 )
 from billing.csvimport import import_rates
+from billing.diversions import MISS, DiversionCache, Miss
+from billing.freecalls import FreeCall, FreeCallRecorder
 from billing.ledger import Ledger
 from billing.payment import VoucherProvider
 from billing.rating import RATES_CHANGED_CHANNEL, Rating
@@ -129,7 +141,7 @@ class _Call:
     call_id: str
     ctx: RequestContext
     auth: Authorization | None  # None: a free call between subscribers (CDR only)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    free: FreeCall | None = None  # a free call's CDR (billing.freecalls)
     answered_at: datetime | None = None
     dialog: Dialog | None = None
     timer: asyncio.TimerHandle | None = None
@@ -175,6 +187,11 @@ class BillingService:
         self.rating = Rating(zone=settings.zone)
         self.credit = CreditControl(pool, self.rating, settings, ledger=self.ledger,
                                     node_name=node_name)
+        #: Where calls to a subscriber go (voicemail while locked), kept current by NOTIFY.
+        self.diversions = DiversionCache(pool, settings.diversion_uri)
+        #: CDRs of free calls, written in groups.
+        self.free_calls = FreeCallRecorder(pool, self.credit.node_id, delay=_ANSWER_BATCH_DELAY,
+                                           timeout=db_timeout)
         self.calls: dict[str, _Call] = {}
         self.stats: Counter[str] = Counter()
         #: Money charged by settled calls, by currency (Prometheus revenue counter).
@@ -186,6 +203,7 @@ class BillingService:
         self._answers: dict[str, datetime] = {}  # answered, not yet written
         self._answers_pending = asyncio.Event()
         self._answer_writer: asyncio.Task[None] | None = None
+        self._free_call_writer: asyncio.Task[None] | None = None
 
     # -- start and stop -------------------------------------------------------------------
 
@@ -217,6 +235,7 @@ class BillingService:
             self.credit.run_maintenance(self.answered_call_ids, self.clock)
         )
         self._answer_writer = loop.create_task(self._write_answers())
+        self._free_call_writer = loop.create_task(self.free_calls.run())
 
     async def _seed_rates(self, config_dir: Path | None) -> None:
         """Import ``rates_csv`` into the rate table if that table is empty (a restart, or an
@@ -241,15 +260,18 @@ class BillingService:
         try:
             await conn.add_listener(RATES_CHANGED_CHANNEL, self._rates_changed)
             await self.balances.attach(conn)
+            await self.diversions.attach(conn)
             conn.add_termination_listener(self._listen_lost)
         except BaseException:
             self.balances.connection_lost()
+            self.diversions.connection_lost()
             await self.pool.release(conn)
             raise
         self._listen_conn = conn
 
     def _listen_lost(self, _conn: object) -> None:
         self.balances.connection_lost()
+        self.diversions.connection_lost()
         self._listen_conn = None
         if not self._stopping:
             log.warning("event=billing_listen_lost")
@@ -294,14 +316,17 @@ class BillingService:
                     await task
         with contextlib.suppress(*DATABASE_UNREACHABLE):
             await self._flush_answers()  # calls still ringing into the next run
+        await self.free_calls.close_writer(self._free_call_writer)
         for state in self.calls.values():
             if state.timer is not None:
                 state.timer.cancel()
         self.balances.connection_lost()
+        self.diversions.connection_lost()
         if self._listen_conn is not None:
             conn, self._listen_conn = self._listen_conn, None
             with contextlib.suppress(*DATABASE_UNREACHABLE, asyncpg.PostgresError):
                 conn.remove_termination_listener(self._listen_lost)
+                await self.diversions.detach(conn)
                 await self.balances.detach(conn)
                 await conn.remove_listener(RATES_CHANGED_CHANNEL, self._rates_changed)
             with contextlib.suppress(*DATABASE_UNREACHABLE, asyncpg.PostgresError):
@@ -379,39 +404,65 @@ class BillingService:
             self.calls[call_id] = _Call(call_id, ctx, auth)
         return False
 
-    async def _local_call(self, ctx: RequestContext) -> bool:
+    def _local_call(self, ctx: RequestContext) -> bool | Awaitable[bool]:
         """A call to one of our subscribers: free, but recorded (missed calls), diverted to
-        voicemail while the callee's account is locked, and shown the caller's balance."""
-        req = ctx.request
+        voicemail while the callee's account is locked, and shown the caller's balance.
+
+        Decided without waiting when the callee's account was seen before
+        (:class:`DiversionCache`) and no balance is to be shown: the pipeline then needs no
+        task for it. The CDR never holds the call up (:class:`FreeCallRecorder`)."""
         # "sip:1002@localhost" -> "1002@localhost": the CDR's callee and the missed-call key.
         aor = str(ctx.attrs["aor"]).removeprefix("sip:")
         callee_user, _, callee_domain = aor.partition("@")
-        caller = (ctx.user, ctx.user_domain) if ctx.user and ctx.user_domain else _from(ctx)
         show_balance = ctx.user is not None and "INVITE" in self.settings.balance_header.methods
+        diversion = self.diversions.peek(callee_user, callee_domain)
+        if show_balance or diversion is MISS:
+            return self._local_call_lookup(ctx, aor, callee_user, callee_domain, diversion,
+                                           show_balance)
+        return self._local_call_go(ctx, aor, diversion)
+
+    async def _local_call_lookup(self, ctx: RequestContext, aor: str, callee_user: str,
+                                 callee_domain: str, diversion: str | Literal[Miss.MISS] | None,
+                                 show_balance: bool) -> bool:
+        """:meth:`_local_call` with what was not cached read from the database. If that is
+        unreachable the call goes through undiverted and without the balance: it costs
+        nothing, and its CDR is written once the database is back."""
+        shown = None
         try:
             async with asyncio.timeout(self.db_timeout):
-                diversion, opened, shown = await asyncio.gather(
-                    self.credit.diversion_for(callee_user, callee_domain),
-                    self.credit.open_free_call(req.call_id, caller, aor, self.clock()),
-                    self.balances.display_balance(caller[0], caller[1]) if show_balance
-                    else _none(),
-                )
+                if diversion is MISS:
+                    diversion = await self.diversions.lookup(callee_user, callee_domain)
+                if show_balance:
+                    assert ctx.user is not None and ctx.user_domain is not None
+                    shown = await self.balances.display_balance(ctx.user, ctx.user_domain)
         except DATABASE_UNREACHABLE as exc:
-            # Nothing to charge: the call goes through, only its record is lost.
-            log.warning("event=free_call_unrecorded call_id=%s error=%r", req.call_id, exc)
-            return False
-        if diversion is not None:
-            self._divert(ctx, diversion, aor)
+            log.warning("event=free_call_lookup_failed call_id=%s error=%r",
+                        ctx.request.call_id, exc)
+            if diversion is MISS:
+                diversion = None
         if shown is not None:
             header = self.settings.balance_header.header("INVITE", shown.amount)
             if header is not None:
                 ctx.response_headers.append(header)
-        if opened and req.call_id not in self.calls:
-            if ctx.replied or ctx.attrs.get("cancelled"):
-                self._spawn(self._with_retry(req.call_id, lambda: self.credit.failed(
-                    req.call_id, "cancelled", "cancelled before relay")))
-                return True
-            self.calls[req.call_id] = _Call(req.call_id, ctx, None)
+        return self._local_call_go(ctx, aor, diversion)
+
+    def _local_call_go(self, ctx: RequestContext, aor: str, diversion: str | None) -> bool:
+        """Divert if the callee's account is locked, and open the call's CDR."""
+        if diversion is not None:
+            self._divert(ctx, diversion, aor)
+        call_id = ctx.request.call_id
+        if call_id in self.calls:
+            return False  # a spiral of the same call keeps the first record
+        caller = (ctx.user, ctx.user_domain) if ctx.user and ctx.user_domain else _from(ctx)
+        record = self.free_calls.open(call_id, caller, aor, self.clock())
+        if record is None:
+            self.stats["free_call_unrecorded"] += 1
+            return False
+        if ctx.replied or ctx.attrs.get("cancelled"):
+            # CANCELled while the lookups were under way: recorded, not relayed.
+            self.free_calls.close(record, "cancelled", self.clock(), "cancelled before relay")
+            return True
+        self.calls[call_id] = _Call(call_id, ctx, None, free=record)
         return False
 
     def _divert(self, ctx: RequestContext, uri: str, aor: str) -> None:
@@ -464,6 +515,9 @@ class BillingService:
         if state is None or state.ctx is not event.ctx or state.answered_at is not None:
             return
         state.answered_at = self.clock()
+        if state.free is not None:
+            self.free_calls.answered(state.free, state.answered_at)
+            return
         self._answers[state.call_id] = state.answered_at
         self._answers_pending.set()
 
@@ -521,10 +575,14 @@ class BillingService:
         if state is None or state.dialog is not event.dialog:
             return
         self._forget(state)
-        self._answers.pop(state.call_id, None)  # the settlement writes it
         end = datetime.fromtimestamp(event.at, UTC)
-        reason = event.reason
-        self._spawn(self._serially(state, self._settle(state, end, reason)))
+        if state.free is not None:
+            self.stats["settled"] += 1
+            status = "answered" if state.free.answer_at is not None else "cancelled"
+            self.free_calls.close(state.free, status, end, event.reason, state.done)
+            return
+        self._answers.pop(state.call_id, None)  # the settlement writes it
+        self._spawn(self._settle(state, end, event.reason))
 
     def on_call_failed(self, event: CallFailed) -> None:
         state = self.calls.get(event.ctx.request.call_id)
@@ -535,6 +593,13 @@ class BillingService:
         text = f"{event.status} {event.reason}"
         at = self.clock()
         self.stats["failed:" + status] += 1
+        if state.free is not None:
+            # A failure reported after the answer ends an answered call (as failed() does).
+            answered = state.free.answer_at is not None
+            self.free_calls.close(state.free, "answered" if answered else status, at, text)
+            if not state.done.done():
+                state.done.set_result(None)
+            return
 
         async def fail() -> None:
             await self._with_retry(state.call_id,
@@ -542,7 +607,7 @@ class BillingService:
             if not state.done.done():
                 state.done.set_result(None)
 
-        self._spawn(self._serially(state, fail()))
+        self._spawn(fail())
 
     def _forget(self, state: _Call) -> None:
         if self.calls.get(state.call_id) is state:
@@ -566,12 +631,6 @@ class BillingService:
             self.revenue[auth.currency] = self.revenue.get(auth.currency, Decimal(0)) + result.cost
         if not state.done.done():
             state.done.set_result(result)
-
-    async def _serially(self, state: _Call, work: Coroutine[Any, Any, Any]) -> None:
-        """Run one call's database work in event order (the lock is FIFO, and the listener
-        tasks are created, and so reach the lock, in the order the events were emitted)."""
-        async with state.lock:
-            await work
 
     async def _with_retry(self, call_id: str, op: Callable[[], Awaitable[T]]) -> T | None:
         """``op()`` until the database takes it; None if it failed for good."""
@@ -634,10 +693,6 @@ def _from(ctx: RequestContext) -> tuple[str, str]:
     if isinstance(uri, TelUri):
         return (uri.number, "")
     return ("", "")
-
-
-async def _none() -> None:
-    return None
 
 
 def rates_csv_path(rates_csv: str, config_dir: Path | None) -> Path:

@@ -11,17 +11,20 @@ import socket
 import threading
 from collections.abc import Iterator
 from decimal import Decimal
+from typing import Any
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
+from sipcore.message import Request
 from tests.billing.e2e import (
     Uas,
     account,
     billing_server,
     password,
+    run_db,
     set_balance,
-    settled_cdr,
     wait_until,
 )
 from tests.billing.rawua import RawUA
@@ -101,6 +104,14 @@ class DbRelay:
             conn.close()
 
 
+def cdr_of(dsn: str, call_id: str) -> dict[str, Any] | None:
+    async def work(pool: asyncpg.Pool) -> dict[str, Any] | None:
+        row = await pool.fetchrow("SELECT * FROM cdrs WHERE call_id = $1", call_id)
+        return None if row is None else dict(row)
+
+    return run_db(dsn, work)
+
+
 @pytest.fixture(scope="module")
 def relay(db_dsn: str) -> Iterator[DbRelay]:
     r = DbRelay(db_dsn)
@@ -149,13 +160,30 @@ def test_database_outage(server: ServerProcess, relay: DbRelay, db_dsn: str,
 
         # The call in progress keeps its timer: cut at 6 s with the database still away.
         call.wait_bye(15)
+
+        # A call between subscribers goes through (it costs nothing; the callee's account
+        # was never looked up, so it is not diverted); its CDR waits in memory.
+        free = ua.invite("2002", wait=False)
+        ring = ua2.wait(lambda m: isinstance(m, Request) and m.method == "INVITE"
+                        and m.call_id == free.call_id, 15)
+        assert isinstance(ring, Request)
+        ua2.answer(ring, 486, "Busy Here")
+        assert free.wait_final(15).status == 486
         relay.mend()
     # The settlement was retried until the database came back: billed once, in full.
-    cdr = settled_cdr(db_dsn, caller, timeout=20)
+    wait_until(lambda: (cdr_of(db_dsn, call.call_id) or {}).get("status") != "in_progress",
+               20, "the call to be settled")
+    cdr = cdr_of(db_dsn, call.call_id)
+    assert cdr is not None
     assert cdr["disconnect_reason"] == "credit_exhausted" and cdr["cost"] == Decimal("0.06")
     assert not cdr["recovered"]
     wait_until(lambda: account(db_dsn, caller)["reserved"] == 0, 10, "the reservation to go")
     assert account(db_dsn, caller)["balance"] == Decimal("0.00")
+    # ... and is written once the database is back: the callee's missed call.
+    wait_until(lambda: cdr_of(db_dsn, free.call_id) is not None, 40, "the free call's CDR")
+    cdr = cdr_of(db_dsn, free.call_id)
+    assert cdr is not None and (cdr["status"], cdr["caller_username"], cdr["callee"]) == (
+        "busy", caller, "2002@localhost")
 
     # The connection listening for account changes died with the relay: a new one listens,
     # and the balance a phone is shown follows a change made after the outage.
