@@ -776,7 +776,9 @@ class CreditControl:
     ) -> bool:
         """The first half of a CDR for a call that is not billed (between local
         subscribers), so its outcome (e.g. a missed call) is recorded like any other.
-        Complete it with :meth:`answered`/:meth:`settle`/:meth:`failed`."""
+        Complete it with :meth:`answered`/:meth:`settle`/:meth:`failed`. One round trip
+        each: the running server writes these records in groups instead
+        (:class:`billing.freecalls.FreeCallRecorder`)."""
         async with self._pool.acquire() as conn:
             cdr_id = await conn.fetchval(
                 """
@@ -931,7 +933,8 @@ class CreditControl:
 
     async def diversion_for(self, username: str, domain: str) -> str | None:
         """Where to divert a call *to* this subscriber: the voicemail URI of a locked
-        account (its own, else the configured one); None if calls go through normally."""
+        account (its own, else the configured one); None if calls go through normally.
+        A query each time; the running server asks :class:`billing.diversions.DiversionCache`."""
         account = await self.ledger.account_for_subscriber(username, domain)
         if account is None or not account.locked:
             return None
