@@ -5,8 +5,7 @@ change racing a miss."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -15,27 +14,7 @@ import pytest
 
 from billing.balances import BalanceCache
 from billing.ledger import DisplayBalance, Ledger
-
-
-async def _eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def listening(balances: BalanceCache, db_pool: asyncpg.Pool) -> AsyncIterator[None]:
-    """What the billing service does: one connection LISTENs; when it dies, the cache is told."""
-    async with db_pool.acquire() as conn:
-        conn.add_termination_listener(lambda _conn: balances.connection_lost())
-        await balances.attach(conn)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
-                await balances.detach(conn)
+from tests.billing.notifycache import eventually, listening
 
 
 @pytest.fixture
@@ -63,7 +42,7 @@ async def test_a_second_read_is_a_hit_and_a_posting_is_seen(
 
     seen = cache.stats["invalidations"]
     await ledger.topup(account_id, Decimal("2.50"))
-    await _eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
+    await eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
     shown = await cache.display_balance("2101", "cache.example")
     assert shown is not None and shown.amount == Decimal("12.50")
 
@@ -74,7 +53,7 @@ async def test_a_second_read_is_a_hit_and_a_posting_is_seen(
     assert cache.stats["hits"] == hits + 1 and len(cache) == 2
     seen = cache.stats["invalidations"]
     await ledger.attach_subscriber(account_id, "2100", "cache.example")
-    await _eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
+    await eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
     assert await cache.display_balance("2100", "cache.example") == shown
 
 
@@ -90,7 +69,7 @@ async def test_reservations_and_moving_a_subscriber_invalidate(
         seen = cache.stats["invalidations"]
         async with db_pool.acquire() as conn:
             await conn.execute(statement, *args)
-        await _eventually(lambda: cache.stats["invalidations"] > seen, statement)
+        await eventually(lambda: cache.stats["invalidations"] > seen, statement)
         return await cache.display_balance("2102", "cache.example")
 
     shown = await changed(
@@ -124,7 +103,7 @@ async def test_a_lost_listen_connection_empties_the_cache_and_stores_nothing(
         async with db_pool.acquire() as conn:
             await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
-        await _eventually(lambda: not balances.listening, "the lost connection")
+        await eventually(lambda: not balances.listening, "the lost connection")
     assert len(balances) == 0 and balances.stats["listen_lost"] == 1
     # Nobody listens: a change is still seen, since nothing is stored meanwhile.
     await ledger.topup(account_id, Decimal("1.00"))
@@ -146,7 +125,7 @@ async def test_a_change_during_a_miss_is_not_stored(db_pool: asyncpg.Pool) -> No
                 raced.append(True)
                 seen = balances.stats["invalidations"]
                 await Ledger(db_pool).topup(shown.account_id, Decimal("1.00"))
-                await _eventually(lambda: balances.stats["invalidations"] > seen, "the change")
+                await eventually(lambda: balances.stats["invalidations"] > seen, "the change")
             return shown
 
     raced: list[bool] = []
@@ -168,7 +147,7 @@ async def test_the_subscribers_of_an_account_share_its_balance(
     seen = cache.stats["invalidations"]
     account_id = await _account(ledger, "cache-shared", "2105", "7.00")
     await ledger.attach_subscriber(account_id, "2106", "cache.example")
-    await _eventually(lambda: cache.stats["invalidations"] >= seen + 2, "the attachments")
+    await eventually(lambda: cache.stats["invalidations"] >= seen + 2, "the attachments")
     first = await cache.display_balance("2105", "cache.example")
     second = await cache.display_balance("2106", "cache.example")
     assert first == DisplayBalance(account_id, "EUR", Decimal("7.00"))
@@ -179,7 +158,7 @@ async def test_the_subscribers_of_an_account_share_its_balance(
     # A posting drops the account's figure, not which account the subscribers belong to.
     seen = cache.stats["invalidations"]
     await ledger.topup(account_id, Decimal("1.00"))
-    await _eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
+    await eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
     assert len(cache) == 2 and not cache._balances
     hits = cache.stats["hits"]
     third = await cache.display_balance("2106", "cache.example")

@@ -6,7 +6,6 @@ cache and a change racing a miss is not stored."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 
@@ -16,29 +15,10 @@ import pytest
 from billing.balances import BalanceCache
 from billing.diversions import MISS, DiversionCache
 from billing.ledger import Ledger
+from tests.billing.notifycache import eventually, listening
 
 VM = "sip:voicemail@example.com"
 DOMAIN = "divert.example"
-
-
-async def _eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-@contextlib.asynccontextmanager
-async def listening(cache: DiversionCache, db_pool: asyncpg.Pool) -> AsyncIterator[None]:
-    async with db_pool.acquire() as conn:
-        conn.add_termination_listener(lambda _conn: cache.connection_lost())
-        await cache.attach(conn)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
-                await cache.detach(conn)
 
 
 @pytest.fixture
@@ -60,7 +40,7 @@ async def _changed(cache: DiversionCache, change: Callable[[], object]) -> None:
     result = change()
     if asyncio.iscoroutine(result):
         await result
-    await _eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
+    await eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
 
 
 async def test_lock_unlock_and_voicemail_uri_are_heard(
@@ -106,15 +86,15 @@ async def test_balance_changes_keep_the_entry_and_moves_drop_it(
         await balances.attach(conn)
         try:
             await ledger.topup(account_id, Decimal("1.00"))
-            await _eventually(lambda: balances.stats["invalidations"] > 0, "the notification")
+            await eventually(lambda: balances.stats["invalidations"] > 0, "the notification")
             # The balance cache reads the routing payload as a change of the account too.
             seen = balances.stats["invalidations"]
             await ledger.lock(account_id, "manual")
-            await _eventually(lambda: balances.stats["invalidations"] > seen, "routing")
+            await eventually(lambda: balances.stats["invalidations"] > seen, "routing")
             await ledger.unlock(account_id)
         finally:
             await balances.detach(conn)
-    await _eventually(lambda: cache.stats["invalidations"] >= 2, "lock and unlock")
+    await eventually(lambda: cache.stats["invalidations"] >= 2, "lock and unlock")
     assert await cache.lookup("3002", DOMAIN) is None
 
     hits = cache.stats["hits"]
