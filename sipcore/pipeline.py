@@ -137,8 +137,8 @@ class Pipeline:
         if rest is not None:
             await rest
 
-    def start(self, ctx: RequestContext) -> Coroutine[Any, Any, None] | None:
-        """Walk the stages as far as the handlers answer synchronously.
+    def start(self, ctx: RequestContext, first: int = 0) -> Coroutine[Any, Any, None] | None:
+        """Walk the stages (from entry ``first``) as far as the handlers answer synchronously.
 
         Returns None when the walk is over, or a coroutine that finishes it from the first
         handler that returned an awaitable.  Most requests a server answers itself (401/407
@@ -146,8 +146,10 @@ class Pipeline:
         task and no event-loop round trip.
         """
         method = ctx.request.method
+        flat = self._flat
         try:
-            for index, entry in enumerate(self._flat):
+            for index in range(first, len(flat)):
+                entry = flat[index]
                 if entry.methods is not None and method not in entry.methods:
                     continue
                 result = entry.handler(ctx)
@@ -162,22 +164,15 @@ class Pipeline:
         return None
 
     async def _resume(self, ctx: RequestContext, pending: Awaitable[bool], index: int) -> None:
-        method = ctx.request.method
         try:
-            result = await pending
-            if result or ctx.replied:
-                return
-            for entry in self._flat[index:]:
-                if entry.methods is not None and method not in entry.methods:
-                    continue
-                step = entry.handler(ctx)
-                done = step if isinstance(step, bool) else await step
-                if done or ctx.replied:
-                    return
-            if not ctx.replied:
-                ctx.reply(500, "No Route Handler")
+            done = await pending
         except Exception:
             self._failed(ctx)
+            return
+        if not (done or ctx.replied):
+            rest = self.start(ctx, index)
+            if rest is not None:
+                await rest
 
     def _failed(self, ctx: RequestContext) -> None:
         self.errors += 1
