@@ -28,8 +28,8 @@
  *     else an interned entry of name_cache: sipcore.headers._NAME_CACHE), at most
  *     max_headers fields;
  *   - To, From, Call-ID, CSeq, Via present, the singletons not repeated, and the values of
- *     Call-ID, CSeq (< 10 digits, method equal to the request's), the first Via field (one
- *     value, no typed parameter that needs checking), From, To (<URI> forms, no bare ;tag),
+ *     Call-ID, CSeq (< 10 digits, method equal to the request's), the first value of the
+ *     first Via field (no typed parameter that needs checking), From, To (<URI> forms, no bare ;tag),
  *     Max-Forwards (<= 255) and Content-Length in the shapes of _CALL_ID_VALUE, _CSEQ_VALUE,
  *     _VIA_VALUE, _NAME_ADDR_VALUE and _DIGITS_VALUE;
  *   - a body that Content-Length frames without an error (sipcore.message._set_body).
@@ -595,6 +595,19 @@ parse_via(const char *p, const char *end, PyObject **out)
     char upper[16];
     Py_ssize_t i;
     int rc;
+    /* A field holding several values ("SIP/2.0/UDP a;branch=x, SIP/2.0/UDP b", as SIPp and
+     * many UAs write a response's Vias): the top Via is the first value, as split_values
+     * would cut it.  A quote or '<' before the comma is not in the accepted classes, so the
+     * comma found here is always a list separator.  The other values are read lazily, but
+     * split_values checks the quotes and brackets of the whole field: leave those to it. */
+    q = memchr(p, ',', (size_t)(end - p));
+    if (q != NULL) {
+        if (memchr(q, '"', (size_t)(end - q)) != NULL ||
+            memchr(q, '<', (size_t)(end - q)) != NULL) {
+            return 0;
+        }
+        end = q;
+    }
     p = skip_ws(p, end);
     while (end > p && (end[-1] == ' ' || end[-1] == '\t')) {
         end--;

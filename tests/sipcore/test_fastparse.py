@@ -74,7 +74,22 @@ REGISTER = (
     b"Expires: 7200\r\n"
     b"\r\n"
 )
-COMMON = [INVITE, OK_200, REGISTER]
+# A response whose first Via field holds both values, as SIPp's [last_Via:] and many UAs
+# write it: the top Via is the first value, the rest is read when asked for.
+RINGING_LIST_VIA = (
+    b"SIP/2.0 180 Ringing\r\n"
+    b"Via: SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKdad1907f0f71.1;rport , "
+    b"SIP/2.0/UDP 127.0.0.1:49743;branch=z9hG4bK-3935-1-0;rport=49743;received=127.0.0.1\r\n"
+    b"From: <sip:caller1@bench.invalid>;tag=3935SIPpTag001\r\n"
+    b"To: <sip:callee@localhost>;tag=3934SIPpTag011\r\n"
+    b"Call-ID: 1-3935@127.0.0.1\r\n"
+    b"CSeq: 1 INVITE\r\n"
+    b"Record-Route: <sip:127.0.0.1:5060;lr>\r\n"
+    b"Contact: <sip:127.0.0.1:57324;transport=UDP>\r\n"
+    b"Content-Length: 0\r\n"
+    b"\r\n"
+)
+COMMON = [INVITE, OK_200, REGISTER, RINGING_LIST_VIA]
 
 pytestmark = pytest.mark.skipif(
     bool(os.environ.get("SIPBILL_PURE_PYTHON")), reason="SIPBILL_PURE_PYTHON=1: no accelerator"
@@ -413,6 +428,9 @@ _SPICE = [
     b"SIP/2.0",
     b"INVITE",
     b"Via: SIP/2.0/UDP h;branch=z9hG4bKx\r\n",
+    b",",
+    b", SIP/2.0/UDP h;branch=z9hG4bKy",
+    b'"q,"',
     b"To: <sip:x@y>\r\n",
     b"CSeq: 1 INVITE\r\n",
     b"Max-Forwards: 1\r\n",
