@@ -169,6 +169,11 @@ class SipStack:
         self.pump()
         return tx
 
+    def reassign(self, tx: txn.ClientTxKey, owner: ClientCallback) -> None:
+        """Give the client transaction ``tx``, if it is still there, a new owner."""
+        if tx in self._clients:
+            self._clients[tx] = owner
+
     def cancel(self, tx: txn.ClientTxKey) -> None:
         """CANCEL the INVITE client transaction ``tx`` (§9.1; sent once it has a provisional)."""
         self.layer.cancel(tx, self.loop.time())

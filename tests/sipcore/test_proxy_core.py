@@ -3,12 +3,15 @@
 A finished server transaction lingers up to 64*T1 (Timer J) to repeat its response to a
 retransmitted request; it must do that from the response bytes alone, without the parsed
 request or the pipeline context kept alive for as long (they filled the garbage collector's
-older generations and made 100-200 ms pauses under load).
+older generations and made 100-200 ms pauses under load).  The same holds for a forwarded
+INVITE, whose client transaction lingers for Timer M (64*T1) after its 2xx to pass on
+retransmissions of that 2xx.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,11 +19,12 @@ from dataclasses import dataclass
 import pytest
 
 from sipcore.message import Response, build_request, parse_message
-from sipcore.pipeline import EventBus, Pipeline
-from sipcore.proxy import LocalIdentity, ProxyCore
+from sipcore.pipeline import EventBus, Pipeline, RequestContext, Stage, Target
+from sipcore.proxy import LocalIdentity, ProxyCore, ResponseContext
 from sipcore.stack import SipStack
 from sipcore.transaction import ServerTxKey, TimerSettings, TransactionLayer, TxState
 from sipcore.transport import Transports
+from sipcore.transport_types import Peer
 
 
 @dataclass
@@ -28,6 +32,14 @@ class Server:
     stack: SipStack
     proxy: ProxyCore
     port: int
+    callee: socket.socket
+
+
+def _udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(("127.0.0.1", 0))
+    return sock
 
 
 @pytest.fixture
@@ -36,10 +48,23 @@ async def server() -> AsyncIterator[Server]:
     stack = SipStack(lambda st: Transports(st), layer)
     host, port = await stack.transports.listen_udp("127.0.0.1", 0)
     identity = LocalIdentity(["localhost"], [("UDP", host, port)])
-    proxy = ProxyCore(stack, Pipeline(), EventBus(), identity)
+    callee = _udp_socket()
+    callee_port = callee.getsockname()[1]
+    pipeline = Pipeline()
+
+    def locate(ctx: RequestContext) -> bool:
+        # Every request for bob goes to the callee socket (a registrar's lookup in short).
+        if ctx.request.request_uri.user == "bob":  # type: ignore[union-attr]
+            ctx.targets.append(Target(f"sip:bob@127.0.0.1:{callee_port}",
+                                      Peer("UDP", "127.0.0.1", callee_port)))
+        return False
+
+    pipeline.add(Stage.LOCATION, locate)
+    proxy = ProxyCore(stack, pipeline, EventBus(), identity)
     try:
-        yield Server(stack, proxy, port)
+        yield Server(stack, proxy, port, callee)
     finally:
+        callee.close()
         await proxy.close()
         await stack.close()
 
@@ -83,3 +108,70 @@ async def test_answered_request_leaves_only_the_response_behind(server: Server) 
         assert server.stack.layer.stats.requests_absorbed == 1
     finally:
         sock.close()
+
+
+def _invite(port: int) -> bytes:
+    return build_request("INVITE", f"sip:bob@localhost:{port}", [
+        ("Via", "SIP/2.0/UDP 127.0.0.1:5998;branch=z9hG4bK-linger-inv;rport"),
+        ("From", "<sip:alice@localhost>;tag=a1"),
+        ("To", "<sip:bob@localhost>"),
+        ("Call-ID", "linger-invite@probe"),
+        ("CSeq", "1 INVITE"),
+        ("Contact", "<sip:alice@127.0.0.1:5998>"),
+        ("Max-Forwards", "70"),
+    ])
+
+
+def _answer(request: bytes, status: int, reason: str) -> bytes:
+    """The callee's response to a forwarded request: its Vias, From, To (with a tag),
+    Call-ID and CSeq echoed."""
+    lines = request.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]
+    echoed = [line for line in lines
+              if line.split(b":", 1)[0].lower() in (b"via", b"from", b"call-id", b"cseq")]
+    to = next(line for line in lines if line.lower().startswith(b"to:"))
+    head = [f"SIP/2.0 {status} {reason}".encode(), *echoed, to + b";tag=b1",
+            b"Contact: <sip:bob@127.0.0.1>", b"Content-Length: 0"]
+    return b"\r\n".join(head) + b"\r\n\r\n"
+
+
+async def _recv_status(sock: socket.socket, status: int) -> bytes:
+    loop = asyncio.get_running_loop()
+    while True:
+        data = await asyncio.wait_for(loop.sock_recv(sock, 65535), 2.0)
+        msg = parse_message(data)
+        if isinstance(msg, Response) and msg.status == status:
+            return data
+
+
+async def test_answered_invite_leaves_no_context_but_still_relays_2xx_again(
+        server: Server) -> None:
+    loop = asyncio.get_running_loop()
+    caller = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    caller.setblocking(False)
+    caller.bind(("127.0.0.1", 5998))
+    try:
+        await loop.sock_sendto(caller, _invite(server.port), ("127.0.0.1", server.port))
+        forwarded, proxy_addr = await asyncio.wait_for(
+            loop.sock_recvfrom(server.callee, 65535), 2.0)
+        assert forwarded.startswith(b"INVITE sip:bob@127.0.0.1")
+        assert server.proxy.responses, "an INVITE in progress can be CANCELled"
+
+        ok = _answer(forwarded, 200, "OK")
+        await loop.sock_sendto(server.callee, ok, proxy_addr)
+        first = parse_message(await _recv_status(caller, 200))
+        assert isinstance(first, Response) and first.to_addr.tag == "b1"
+
+        # Answered: nothing of the call's pipeline walk is kept for the 32 s of Timer M ...
+        assert server.proxy.contexts == {}
+        assert server.proxy.responses == {}
+        gc.collect()
+        assert not [o for o in gc.get_objects()
+                    if type(o) in (ResponseContext, RequestContext)]
+        # ... yet a retransmission of the 2xx (§16.7 step 5, RFC 6026) still goes upstream.
+        await loop.sock_sendto(server.callee, ok, proxy_addr)
+        again = parse_message(await _recv_status(caller, 200))
+        assert isinstance(again, Response)
+        assert again.call_id == "linger-invite@probe" and again.to_addr.tag == "b1"
+        assert len(again.vias) == 1  # our own Via taken off, as for the first
+    finally:
+        caller.close()
