@@ -39,7 +39,8 @@ over (cheaper than an LRU on the hot path, and a refill is one query per phone).
 
 from __future__ import annotations
 
-from typing import Any, Final, TypeAlias
+import enum
+from typing import Any, Final, Literal, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -49,6 +50,15 @@ from billing.ledger import DisplayBalance, Ledger
 CHANNEL: Final = "billing_account_changed"
 
 _ABSENT: Final[Any] = object()
+
+
+class Miss(enum.Enum):
+    MISS = 0
+
+
+#: A cache's ``peek`` holds nothing for the key: ask the database (``display_balance``,
+#: :meth:`billing.diversions.DiversionCache.lookup`).
+MISS: Final = Miss.MISS
 
 Listener: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
@@ -95,9 +105,9 @@ class BalanceCache:
         self._generation += 1
         self._clear()
 
-    async def display_balance(self, username: str, domain: str) -> DisplayBalance | None:
-        """The subscriber's shown balance (None without an account). Database errors of a
-        miss propagate, as from :meth:`Ledger.display_balance`."""
+    def peek(self, username: str, domain: str) -> DisplayBalance | Literal[Miss.MISS] | None:
+        """The shown balance if the cache holds it (None: the subscriber has no account),
+        else :data:`MISS`; no await, so a REGISTER whose figure is cached needs no task."""
         users = self._entries.get(domain)
         if users is not None:
             account_id = users.get(username, _ABSENT)
@@ -109,6 +119,14 @@ class BalanceCache:
                 if cached is not None:
                     self.stats["hits"] += 1
                     return cached
+        return MISS
+
+    async def display_balance(self, username: str, domain: str) -> DisplayBalance | None:
+        """The subscriber's shown balance (None without an account). Database errors of a
+        miss propagate, as from :meth:`Ledger.display_balance`."""
+        hit = self.peek(username, domain)
+        if hit is not MISS:
+            return hit
         self.stats["misses"] += 1
         generation = self._generation
         shown = await self.ledger.display_balance(username, domain)

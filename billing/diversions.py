@@ -27,20 +27,12 @@ At most ``max_entries`` subscribers are held; beyond that the cache starts over.
 
 from __future__ import annotations
 
-import enum
 from typing import TYPE_CHECKING, Final, Literal
 
-from billing.balances import CHANNEL, Listener
+from billing.balances import CHANNEL, MISS, Listener, Miss
 
 if TYPE_CHECKING:
     from billing.db import Pool
-
-class Miss(enum.Enum):
-    MISS = 0
-
-
-#: ``peek`` found nothing cached: ask :meth:`DiversionCache.lookup`.
-MISS: Final = Miss.MISS
 
 _QUERY: Final = (
     "SELECT a.id, a.status = 'locked' AS locked, a.diversion_uri "

@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import asyncpg
 
-from billing.balances import BalanceCache
+from billing.balances import MISS, BalanceCache, Miss
 from billing.credit import (
     CREDIT_EXHAUSTED,
     DATABASE_UNREACHABLE,
@@ -96,9 +96,9 @@ from billing.credit import (
     Settlement,
 )
 from billing.csvimport import import_rates
-from billing.diversions import MISS, DiversionCache, Miss
+from billing.diversions import DiversionCache
 from billing.freecalls import FreeCall, FreeCallRecorder
-from billing.ledger import Ledger
+from billing.ledger import DisplayBalance, Ledger
 from billing.payment import VoucherProvider
 from billing.rating import RATES_CHANGED_CHANNEL, Rating
 from billing.settings import BillingSettings
@@ -338,22 +338,34 @@ class BillingService:
 
     # -- pipeline: Balance-amount on the REGISTER 200 OK ----------------------------------
 
-    async def register_balance(self, ctx: RequestContext) -> bool:
-        """REGISTRAR stage, before the registrar: put the balance into its 200 OK."""
+    def register_balance(self, ctx: RequestContext) -> bool | Awaitable[bool]:
+        """REGISTRAR stage, before the registrar: put the balance into its 200 OK.
+        Synchronous when the cache holds the figure (the usual case: it is kept current by
+        NOTIFY), so the REGISTER costs no coroutine and no timeout handle for it."""
         if ctx.user is None or ctx.user_domain is None:
             return False
+        shown = self.balances.peek(ctx.user, ctx.user_domain)
+        if shown is MISS:
+            return self._register_balance_miss(ctx, ctx.user, ctx.user_domain)
+        self._add_balance_header(ctx, shown)
+        return False
+
+    async def _register_balance_miss(self, ctx: RequestContext, user: str, domain: str) -> bool:
         try:
             async with asyncio.timeout(self.db_timeout):
-                shown = await self.balances.display_balance(ctx.user, ctx.user_domain)
+                shown = await self.balances.display_balance(user, domain)
         except DATABASE_UNREACHABLE as exc:
             # The registration matters more than the figure: register without it.
-            log.warning("event=balance_header_failed user=%s error=%r", ctx.user, exc)
+            log.warning("event=balance_header_failed user=%s error=%r", user, exc)
             return False
+        self._add_balance_header(ctx, shown)
+        return False
+
+    def _add_balance_header(self, ctx: RequestContext, shown: DisplayBalance | None) -> None:
         if shown is not None:
             header = self.settings.balance_header.header("REGISTER", shown.amount)
             if header is not None:
                 ctx.response_headers.append(header)
-        return False
 
     # -- pipeline: credit control ---------------------------------------------------------
 

@@ -12,7 +12,7 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from billing.balances import BalanceCache
+from billing.balances import MISS, BalanceCache
 from billing.ledger import DisplayBalance, Ledger
 from tests.billing.notifycache import eventually, listening
 
@@ -35,10 +35,13 @@ async def test_a_second_read_is_a_hit_and_a_posting_is_seen(
 ) -> None:
     ledger = Ledger(db_pool)
     account_id = await _account(ledger, "cache-posting", "2101", "10.00")
+    assert cache.peek("2101", "cache.example") is MISS  # nothing read yet
     first = await cache.display_balance("2101", "cache.example")
     assert first == DisplayBalance(account_id, "EUR", Decimal("10.00"))
     assert await cache.display_balance("2101", "cache.example") == first
     assert cache.stats["hits"] == 1 and cache.stats["misses"] == 1 and len(cache) == 1
+    # What the REGISTER path reads without awaiting: the same figure.
+    assert cache.peek("2101", "cache.example") == first
 
     seen = cache.stats["invalidations"]
     await ledger.topup(account_id, Decimal("2.50"))
@@ -50,7 +53,8 @@ async def test_a_second_read_is_a_hit_and_a_posting_is_seen(
     hits = cache.stats["hits"]
     assert await cache.display_balance("2100", "cache.example") is None
     assert await cache.display_balance("2100", "cache.example") is None
-    assert cache.stats["hits"] == hits + 1 and len(cache) == 2
+    assert cache.peek("2100", "cache.example") is None  # cached: no account
+    assert cache.stats["hits"] == hits + 2 and len(cache) == 2
     seen = cache.stats["invalidations"]
     await ledger.attach_subscriber(account_id, "2100", "cache.example")
     await eventually(lambda: cache.stats["invalidations"] > seen, "the notification")

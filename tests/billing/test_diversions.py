@@ -12,8 +12,8 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from billing.balances import BalanceCache
-from billing.diversions import MISS, DiversionCache
+from billing.balances import MISS, BalanceCache
+from billing.diversions import DiversionCache
 from billing.ledger import Ledger
 from tests.billing.notifycache import eventually, listening
 
