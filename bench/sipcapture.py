@@ -13,8 +13,13 @@ A transaction's response time is from the first copy of a request arriving at th
 request's source, matched by Call-ID and CSeq (RFC 3261 §17.2.3 would use the branch; the
 scenarios never reuse a Call-ID/CSeq pair, and the CSeq is what ties the response to its
 request without a full parse).  Requests the server sends itself (to the UAS) and responses it
-receives are not transactions *of the server* and are ignored; ACK has no response.  For a
-proxied request the time includes the UAS's answer, which is what the caller waits for.
+receives are not transactions *of the server*; ACK has no response.  For a proxied request the
+time includes the UAS's answer, which is what the caller waits for.
+
+For proxied requests two more kinds separate the proxy's own share from the far end's:
+``"INVITE relay"`` runs from the request's arrival to the first copy the server sends on, and
+``"INVITE 200 relay"`` from a final response's first arrival from downstream to the first copy
+the server sends upstream.  Their sum is the time the transaction spent in the server.
 """
 
 from __future__ import annotations
@@ -142,25 +147,48 @@ class Capture:
 
     def response_times(self) -> dict[str, list[float]]:
         """Seconds from request to final response for requests to the server, keyed by
-        method and final status (``"REGISTER 401"``, ``"REGISTER 200"``, ``"INVITE 200"``)."""
+        method and final status (``"REGISTER 401"``, ``"REGISTER 200"``, ``"INVITE 200"``),
+        and the relay times of proxied requests and their final responses (``"INVITE
+        relay"``, ``"INVITE 200 relay"``, see the module docstring)."""
         started: dict[tuple[bytes, bytes, bytes, tuple[int, int]], float] = {}
         done: set[tuple[bytes, bytes, bytes, tuple[int, int]]] = set()
+        arrived: dict[tuple[bytes, bytes, bytes], float] = {}  # request in, by Call-ID/CSeq
+        relayed: set[tuple[bytes, bytes, bytes]] = set()
+        answers: dict[tuple[bytes, bytes, bytes, bytes], float] = {}  # final response in
+        answered: set[tuple[bytes, bytes, bytes, bytes]] = set()
         out: dict[str, list[float]] = {}
         for ts, src, dst, payload in self._datagrams():
             cid = _CALL_ID.search(payload)
             cseq = _CSEQ.search(payload)
             if cid is None or cseq is None:
                 continue
+            tx = (cid.group(1), cseq.group(1), cseq.group(2).upper())
             if payload.startswith(b"SIP/2.0 "):
-                if src[1] != self.port or payload[8:9] in (b"1",):
+                if payload[8:9] == b"1":
                     continue
-                key = (cid.group(1), cseq.group(1), cseq.group(2).upper(), dst)
+                status = payload[8:11]
+                if dst[1] == self.port:  # from downstream: the relay clock starts
+                    answers.setdefault((*tx, status), ts)
+                    continue
+                if src[1] != self.port:
+                    continue
+                t_in = answers.get((*tx, status))
+                if t_in is not None and (*tx, status) not in answered:
+                    answered.add((*tx, status))
+                    out.setdefault(f"{tx[2].decode()} {status.decode()} relay", []).append(
+                        ts - t_in)
+                key = (*tx, dst)
                 t0 = started.get(key)
                 if t0 is not None and key not in done:
                     done.add(key)
-                    kind = f"{key[2].decode()} {payload[8:11].decode()}"
+                    kind = f"{key[2].decode()} {status.decode()}"
                     out.setdefault(kind, []).append(ts - t0)
             elif dst[1] == self.port:
-                key = (cid.group(1), cseq.group(1), cseq.group(2).upper(), src)
-                started.setdefault(key, ts)
+                started.setdefault((*tx, src), ts)
+                arrived.setdefault(tx, ts)
+            elif src[1] == self.port and tx[2] != b"ACK":
+                t0 = arrived.get(tx)
+                if t0 is not None and tx not in relayed:
+                    relayed.add(tx)
+                    out.setdefault(f"{tx[2].decode()} relay", []).append(ts - t0)
         return out
