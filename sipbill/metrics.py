@@ -160,6 +160,10 @@ class SipbillCollector(Collector):
         absorbed.add_metric(["ack"], ts.acks_absorbed)
         absorbed.add_metric(["response"], ts.responses_absorbed)
         yield absorbed
+        yield CounterMetricFamily("sipbill_lingering_transactions_evicted",
+                                  "Server transactions that only absorbed retransmissions, "
+                                  "ended early to make room at the transaction cap.",
+                                  value=ts.lingering_evicted)
         ended = CounterMetricFamily("sipbill_transactions_failed",
                                     "Transactions ended by a timeout or a transport error.",
                                     labels=["reason"])

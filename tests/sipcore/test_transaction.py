@@ -856,6 +856,50 @@ def test_server_transaction_cap_answers_new_requests_with_stateless_503() -> Non
     assert [type(e) for e in events(layer)] == [RequestReceived]
 
 
+def test_at_the_cap_the_oldest_lingering_transaction_makes_room() -> None:
+    """Answered transactions that only absorb retransmissions (Timer J, I) give way to new
+    requests, oldest first; transactions still at work are never ended for that."""
+    layer = TransactionLayer(max_server_transactions=3)
+    k1, r1 = start_server(layer, "REGISTER", branch="z9hG4bK-l1", call_id="l1")
+    k2, r2 = start_server(layer, "REGISTER", branch="z9hG4bK-l2", call_id="l2")
+    k3, _ = start_server(layer, "REGISTER", branch="z9hG4bK-l3", call_id="l3")  # no answer yet
+    layer.send_response(k1, build_response(r1, 200, to_tag="t"), 200, 0.1)
+    layer.send_response(k2, build_response(r2, 200, to_tag="t"), 200, 0.2)
+    events(layer)
+    wire(layer)
+
+    layer.receive_request(make_request("REGISTER", branch="z9hG4bK-l4", call_id="l4"), UAC, 1.0)
+    assert [type(e) for e in events(layer)] == [TransactionTerminated, RequestReceived]
+    assert layer.state_of(k1) is None  # the oldest answered one went
+    assert layer.state_of(k2) is TxState.COMPLETED
+    assert layer.stats.lingering_evicted == 1 and layer.stats.overload_rejections == 0
+    # A retransmission for the evicted one is a new request now; the other is still absorbed.
+    layer.receive_request(make_request("REGISTER", branch="z9hG4bK-l2", call_id="l2"), UAC, 1.1)
+    assert events(layer) == [] and len(wire(layer)) == 1
+
+    layer.receive_request(make_request("REGISTER", branch="z9hG4bK-l5", call_id="l5"), UAC, 1.2)
+    assert layer.state_of(k2) is None and layer.stats.lingering_evicted == 2
+    events(layer)
+    wire(layer)
+    # Now all three are at work (l3, l4, l5 unanswered): the next one gets the 503.
+    layer.receive_request(make_request("REGISTER", branch="z9hG4bK-l6", call_id="l6"), UAC, 1.3)
+    assert [type(e) for e in events(layer)] == [Overloaded]
+    assert parse_response(wire(layer)[0][0]).status == 503
+    assert layer.state_of(k3) is TxState.TRYING
+    assert layer.stats.overload_rejections == 1
+
+
+def test_lingering_transactions_that_ended_are_not_held() -> None:
+    layer = TransactionLayer()
+    for n in range(50):
+        key, req = start_server(layer, "OPTIONS", branch=f"z9hG4bK-e{n}", call_id=f"e{n}")
+        layer.send_response(key, build_response(req, 200, to_tag="t"), 200, 0.0)
+    assert len(layer._lingering) == 50
+    run_timers(layer, 60.0)  # Timer J ends them all
+    assert layer.server_transaction_count == 0
+    assert len(layer._lingering) == 0
+
+
 def test_a_foreign_ack_with_a_lookalike_tag_is_not_absorbed() -> None:
     layer = TransactionLayer()
     ack = make_request("ACK", branch="z9hG4bK-2xx-ack", to_tag="sl0000beef")
