@@ -47,6 +47,7 @@ import enum
 import hashlib
 import heapq
 import hmac
+import itertools
 import os
 import re
 import secrets
@@ -534,9 +535,11 @@ class NonceStatus(enum.Enum):
     INVALID = "invalid"  # malformed or the signature does not match: not ours at all
 
 
-# version(1) worker_id(2) instance(4) issued_ms(8) random(8), then 16 bytes of HMAC.
+# version(1) worker_id(2) instance(4) issued_ms(8) serial(8), then 16 bytes of HMAC.  The
+# serial makes every nonce of an issuer unique (the replay table is keyed by the nonce); it
+# need not be secret, because nothing about a nonce can be forged without the MAC key.
 _NONCE_VERSION: Final = 1
-_NONCE_LAYOUT: Final = struct.Struct(">BHIQ8s")
+_NONCE_LAYOUT: Final = struct.Struct(">BHIQQ")
 _MAC_LEN: Final = 16
 _NONCE_BYTES: Final = _NONCE_LAYOUT.size + _MAC_LEN
 _NONCE_CHARS: Final = (_NONCE_BYTES * 4 + 2) // 3
@@ -606,6 +609,8 @@ class NonceIssuer:
         self.max_tracked = max_tracked
         self._ttl_ms = int(ttl * 1000)
         self._instance = int.from_bytes(os.urandom(4), "big")
+        # A counter instead of os.urandom(8) per nonce: a getrandom() syscall per challenge.
+        self._serial = itertools.count(int.from_bytes(os.urandom(6), "big"))
         # nonce -> highest nc accepted; heap of (issued_ms, nonce) in expiry order.
         self._highest_nc: dict[str, int] = {}
         self._expiry_heap: list[tuple[int, str]] = []
@@ -616,7 +621,7 @@ class NonceIssuer:
     def issue(self, now: float) -> str:
         """A fresh nonce."""
         payload = _NONCE_LAYOUT.pack(
-            _NONCE_VERSION, self.worker_id, self._instance, _to_ms(now), os.urandom(8)
+            _NONCE_VERSION, self.worker_id, self._instance, _to_ms(now), next(self._serial)
         )
         return base64.urlsafe_b64encode(payload + self._mac(payload)).decode("ascii")
 

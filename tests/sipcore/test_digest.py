@@ -530,7 +530,14 @@ def test_nonce_shape_and_issuer() -> None:
     nonce = issuer.issue(T0)
     assert len(nonce) == 52
     assert set(nonce) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
-    assert nonce != issuer.issue(T0)  # random part: two in the same millisecond differ
+    # The serial part: nonces issued in the same millisecond all differ, and each is valid
+    # and gets its own nonce-count record.
+    same_instant = [issuer.issue(T0) for _ in range(1000)]
+    assert nonce not in same_instant and len(set(same_instant)) == 1000
+    assert all(issuer.check(n, T0) is NonceStatus.VALID for n in same_instant)
+    assert all(issuer.check_nc(n, 1, T0) for n in same_instant)
+    # Another issuer with the same secret and worker (a restarted process) differs too.
+    assert NonceIssuer(SECRET, worker_id=513).issue(T0) not in same_instant
     assert issuer.issuer_of(nonce) == 513
     assert issuer.check(nonce, T0) is NonceStatus.VALID
     assert issuer.check(nonce, T0 + 299.9) is NonceStatus.VALID
