@@ -204,6 +204,7 @@ class DigestAuth:
         values = req.header_values(header)
         if not values:
             self.stats["challenged"] += 1
+            ctx.stateless = True  # nothing to count if it comes again: a fresh challenge
             return self._challenge(ctx, realm, now, proxy, stale=False)
         try:
             creds = select_credentials(values, realm)

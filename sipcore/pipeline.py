@@ -88,6 +88,10 @@ class RequestContext:
     attrs: dict[str, Any] = field(default_factory=dict)
     replied: bool = False
     final_status: int = 0
+    #: Answer without keeping the transaction (RFC 3261 §8.2.7; non-INVITE only): set for a
+    #: challenge to a request that carried no credentials, whose retransmission may as well
+    #: get a fresh challenge, so it does not linger for Timer J (32 s) in memory.
+    stateless: bool = False
 
     def reply(self, status: int, reason: str | None = None,
               headers: Sequence[tuple[str, str]] = (), body: bytes = b"",

@@ -580,7 +580,8 @@ class ProxyCore:
         if status >= 300 and ctx.request.method == "INVITE" and not ctx.request.to_addr.tag:
             self.events.emit(CallFailed(ctx, status, _failure_reason(status, ctx)))
         self.stack.respond(ctx.tx, ctx.request, status, reason, headers=hdrs, body=body,
-                           to_tag=to_tag or (None if status < 200 else _local_tag(ctx.request)))
+                           to_tag=to_tag or (None if status < 200 else _local_tag(ctx.request)),
+                           linger=not ctx.stateless)
         if status >= 200:
             # Answered: the transaction repeats the response by itself from now on (up to
             # 64*T1), and holding the context that long kept every parsed request alive

@@ -147,18 +147,20 @@ class SipStack:
     # ------------------------------------------------------------------ send path (TU API)
     def respond(self, tx: txn.TxKey, request: Request, status: int, reason: str | None = None,
                 *, headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
-                to_tag: str | None = None) -> None:
-        """Answer the server transaction ``tx`` with a response built from ``request``."""
+                to_tag: str | None = None, linger: bool = True) -> None:
+        """Answer the server transaction ``tx`` with a response built from ``request``
+        (``linger=False``: statelessly, see :meth:`TransactionLayer.send_response`)."""
         data = build_response(request, status, reason, to_tag=to_tag,
                               headers=[*headers, ("Server", self.server_header)]
                               if status >= 200 else headers, body=body)
-        self.send_response(tx, data, status)
+        self.send_response(tx, data, status, linger=linger)
 
-    def send_response(self, tx: txn.TxKey, data: bytes, status: int) -> None:
+    def send_response(self, tx: txn.TxKey, data: bytes, status: int, *,
+                      linger: bool = True) -> None:
         """Send ready-made response bytes (a forwarded response) on server transaction ``tx``."""
         klass = status // 100
         self.responses_out[klass] = self.responses_out.get(klass, 0) + 1
-        self.layer.send_response(tx, data, status, self.loop.time())
+        self.layer.send_response(tx, data, status, self.loop.time(), linger=linger)
         self.pump()
 
     def send_request(self, data: bytes, request: Request, dest: Peer,

@@ -483,8 +483,9 @@ class _ServerTx(_Tx):
 
     @abstractmethod
     def on_send_response(self, layer: TransactionLayer, data: bytes, status: int,
-                         now: float) -> bool:
-        """The TU responds; False when the state allows no such response."""
+                         now: float, linger: bool = True) -> bool:
+        """The TU responds; False when the state allows no such response.  ``linger=False``
+        (non-INVITE only) ends the transaction with its final response (§8.2.7)."""
 
 
 class _InviteServerTx(_ServerTx):
@@ -510,7 +511,7 @@ class _InviteServerTx(_ServerTx):
         layer.stats.requests_absorbed += 1
 
     def on_send_response(self, layer: TransactionLayer, data: bytes, status: int,
-                         now: float) -> bool:
+                         now: float, linger: bool = True) -> bool:
         state = self.state
         if state is _PROCEEDING:
             layer._datagrams.append((data, self.dest))
@@ -586,16 +587,18 @@ class _NonInviteServerTx(_ServerTx):
         layer.stats.requests_absorbed += 1
 
     def on_send_response(self, layer: TransactionLayer, data: bytes, status: int,
-                         now: float) -> bool:
+                         now: float, linger: bool = True) -> bool:
         if self.state is _COMPLETED:
             return False
         layer._datagrams.append((data, self.dest))
         self.last_response = data
         if status < 200:
             self.state = _PROCEEDING
-        else:
+        elif linger:
             self.state = _COMPLETED
             layer._linger(self, layer._timer_j, "J", now)
+        else:
+            layer._terminate(self)
         return True
 
     def on_timer(self, layer: TransactionLayer, name: str, now: float) -> None:
@@ -920,19 +923,25 @@ class TransactionLayer:
     # ----------------------------------------------------------------- input from the TU
 
     def send_response(self, tx_key: TxKey, response_bytes: bytes, status: int,
-                      now: float) -> bool:
+                      now: float, *, linger: bool = True) -> bool:
         """Send a response through server transaction ``tx_key``.
 
         Returns False (and sends nothing) if the transaction is gone, is not a server
         transaction, or its state allows no such response (a non-2xx after a 2xx, anything
         after a non-INVITE final), so a TU racing a timeout needs no exception handling.
+
+        ``linger=False`` answers a non-INVITE request statelessly (RFC 3261 §8.2.7, "the
+        most common use ... is to respond to an unauthenticated request with a challenge"):
+        the transaction ends with its final response instead of absorbing retransmissions
+        for Timer J, so a retransmission is a new request and gets a new answer.  An INVITE
+        transaction always keeps its state (its ACK must be matched).
         """
         if not 100 <= status <= 699:
             raise ValueError(f"not a SIP status code: {status}")
         tx = self._txs.get(tx_key)
         if not isinstance(tx, _ServerTx):
             return False
-        return tx.on_send_response(self, response_bytes, status, now)
+        return tx.on_send_response(self, response_bytes, status, now, linger)
 
     def send_request(self, request_bytes: bytes, request: Request, dest: Peer,
                      now: float) -> ClientTxKey:

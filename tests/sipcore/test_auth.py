@@ -117,6 +117,21 @@ async def test_register_gets_401_with_sha256_and_md5_challenges(h: Harness) -> N
     assert not resp.has_header("Proxy-Authenticate")
 
 
+async def test_only_a_challenge_to_a_request_without_credentials_is_stateless(
+        h: Harness) -> None:
+    # No credentials: a retransmission may as well get a fresh challenge (RFC 3261 §8.2.7),
+    # so the transaction need not linger.
+    first = reg(cseq=1)
+    done, ctx = await h.run(first)
+    assert done and recorder_of(ctx).last.status == 401 and ctx.stateless
+    # Wrong credentials: the failure is counted, so a retransmission must be absorbed by the
+    # transaction rather than counted again.
+    bad = reg(cseq=2, authorization=answer(recorder_of(ctx).last, first, username="alice",
+                                           password="wrong"))
+    done, ctx = await h.run(bad)
+    assert done and recorder_of(ctx).last.status == 401 and not ctx.stateless
+
+
 async def test_md5_only_client_registers(h: Harness) -> None:
     first = reg(cseq=1)
     challenge = await h.reply_to(first)

@@ -60,6 +60,15 @@ async def server() -> AsyncIterator[Server]:
         return False
 
     pipeline.add(Stage.LOCATION, locate)
+
+    def challenge(ctx: RequestContext) -> bool:
+        # What DigestAuth does with a REGISTER that carries no credentials.
+        if ctx.request.method != "REGISTER":
+            return False
+        ctx.stateless = True
+        return ctx.reply(401, "Unauthorized", [("WWW-Authenticate", 'Digest realm="x"')])
+
+    pipeline.add(Stage.AUTH, challenge)
     proxy = ProxyCore(stack, pipeline, EventBus(), identity)
     try:
         yield Server(stack, proxy, port, callee)
@@ -175,3 +184,31 @@ async def test_answered_invite_leaves_no_context_but_still_relays_2xx_again(
         assert len(again.vias) == 1  # our own Via taken off, as for the first
     finally:
         caller.close()
+
+
+async def test_a_stateless_challenge_leaves_no_transaction(server: Server) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind(("127.0.0.1", 0))
+    register = build_request("REGISTER", "sip:localhost", [
+        ("Via", "SIP/2.0/UDP 127.0.0.1:5997;branch=z9hG4bK-stateless-1;rport"),
+        ("From", "<sip:carol@localhost>;tag=c1"),
+        ("To", "<sip:carol@localhost>"),
+        ("Call-ID", "stateless-1@probe"),
+        ("CSeq", "1 REGISTER"),
+        ("Contact", "<sip:carol@127.0.0.1:5997>"),
+        ("Max-Forwards", "70"),
+    ])
+    try:
+        first = parse_message(await _exchange(sock, register, server.port))
+        assert isinstance(first, Response) and first.status == 401
+        # No transaction lingers for Timer J ...
+        assert server.stack.layer.server_transaction_count == 0
+        # ... so a retransmission is answered afresh by the pipeline.
+        requests = server.proxy.stats["requests"]
+        again = parse_message(await _exchange(sock, register, server.port))
+        assert isinstance(again, Response) and again.status == 401
+        assert server.proxy.stats["requests"] == requests + 1
+        assert server.stack.layer.stats.requests_absorbed == 0
+    finally:
+        sock.close()

@@ -889,6 +889,28 @@ def test_at_the_cap_the_oldest_lingering_transaction_makes_room() -> None:
     assert layer.stats.overload_rejections == 1
 
 
+def test_a_stateless_final_response_ends_a_non_invite_transaction_at_once() -> None:
+    layer = TransactionLayer()
+    key, req = start_server(layer, "REGISTER", branch="z9hG4bK-sl", call_id="sl")
+    challenge = build_response(req, 401, to_tag="t")
+    assert layer.send_response(key, challenge, 401, 0.1, linger=False)
+    assert [data for data, _ in wire(layer)] == [challenge]
+    assert events(layer) == [TransactionTerminated(key)]
+    assert layer.state_of(key) is None and layer.server_transaction_count == 0
+    assert layer.get_timer() is None  # no Timer J armed
+    # A retransmission is a new request and gets a new answer from the TU.
+    layer.receive_request(make_request("REGISTER", branch="z9hG4bK-sl", call_id="sl"), UAC, 0.5)
+    assert [type(e) for e in events(layer)] == [RequestReceived]
+
+
+def test_an_invite_transaction_keeps_its_state_even_when_asked_not_to() -> None:
+    layer = TransactionLayer()
+    key, req = start_server(layer, "INVITE", branch="z9hG4bK-sl-inv", call_id="sl-inv")
+    assert layer.send_response(key, build_response(req, 407, to_tag="t"), 407, 0.1,
+                               linger=False)
+    assert layer.state_of(key) is TxState.COMPLETED  # its ACK must still be matched
+
+
 def test_lingering_transactions_that_ended_are_not_held() -> None:
     layer = TransactionLayer()
     for n in range(50):
