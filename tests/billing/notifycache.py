@@ -9,8 +9,12 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from billing.balances import CHANNEL
+
 
 class NotifiedCache(Protocol):
+    stats: Any
+
     async def attach(self, conn: Any) -> None: ...
 
     async def detach(self, conn: Any) -> None: ...
@@ -24,6 +28,18 @@ async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+async def quiet(cache: NotifiedCache, db_pool: asyncpg.Pool) -> None:
+    """Wait until every notification committed so far has reached the listening ``cache``.
+
+    A test's set-up (an account, a subscriber) notifies too, and a notification that arrives
+    after the test's first read invalidates what that read stored. PostgreSQL delivers
+    notifications in commit order, so once a sentinel sent now has arrived, so have those.
+    The sentinel names account 0, which does not exist: it changes nothing cached."""
+    seen = cache.stats["invalidations"]
+    await db_pool.execute("SELECT pg_notify($1, '0' || chr(9) || 'routing')", CHANNEL)
+    await eventually(lambda: cache.stats["invalidations"] > seen, "the sentinel notification")
 
 
 @contextlib.asynccontextmanager

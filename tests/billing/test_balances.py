@@ -14,7 +14,7 @@ import pytest
 
 from billing.balances import MISS, BalanceCache
 from billing.ledger import DisplayBalance, Ledger
-from tests.billing.notifycache import eventually, listening
+from tests.billing.notifycache import eventually, listening, quiet
 
 
 @pytest.fixture
@@ -35,6 +35,7 @@ async def test_a_second_read_is_a_hit_and_a_posting_is_seen(
 ) -> None:
     ledger = Ledger(db_pool)
     account_id = await _account(ledger, "cache-posting", "2101", "10.00")
+    await quiet(cache, db_pool)
     assert cache.peek("2101", "cache.example") is MISS  # nothing read yet
     first = await cache.display_balance("2101", "cache.example")
     assert first == DisplayBalance(account_id, "EUR", Decimal("10.00"))
@@ -67,6 +68,7 @@ async def test_reservations_and_moving_a_subscriber_invalidate(
     ledger = Ledger(db_pool)
     account_id = await _account(ledger, "cache-reserve", "2102", "10.00")
     other = await ledger.create_account("cache-other", "EUR", initial_balance=Decimal("1.00"))
+    await quiet(cache, db_pool)
     assert (await cache.display_balance("2102", "cache.example")) is not None
 
     async def changed(statement: str, *args: object) -> DisplayBalance | None:
@@ -102,6 +104,7 @@ async def test_a_lost_listen_connection_empties_the_cache_and_stores_nothing(
     balances = BalanceCache(ledger)
     account_id = await _account(ledger, "cache-lost", "2103", "4.00")
     async with listening(balances, db_pool):
+        await quiet(balances, db_pool)
         assert await balances.display_balance("2103", "cache.example") is not None
         assert len(balances) == 1
         async with db_pool.acquire() as conn:
@@ -137,6 +140,7 @@ async def test_a_change_during_a_miss_is_not_stored(db_pool: asyncpg.Pool) -> No
     balances = BalanceCache(ledger)
     async with listening(balances, db_pool):
         await _account(ledger, "cache-race", "2104", "2.00")
+        await quiet(balances, db_pool)
         stale = await balances.display_balance("2104", "cache.example")
         assert stale is not None and stale.amount == Decimal("2.00")
         assert len(balances) == 0  # the read spanned a notification: used, not kept
@@ -152,6 +156,7 @@ async def test_the_subscribers_of_an_account_share_its_balance(
     account_id = await _account(ledger, "cache-shared", "2105", "7.00")
     await ledger.attach_subscriber(account_id, "2106", "cache.example")
     await eventually(lambda: cache.stats["invalidations"] >= seen + 2, "the attachments")
+    await quiet(cache, db_pool)
     first = await cache.display_balance("2105", "cache.example")
     second = await cache.display_balance("2106", "cache.example")
     assert first == DisplayBalance(account_id, "EUR", Decimal("7.00"))

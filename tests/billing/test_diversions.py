@@ -15,7 +15,7 @@ import pytest
 from billing.balances import MISS, BalanceCache
 from billing.diversions import DiversionCache
 from billing.ledger import Ledger
-from tests.billing.notifycache import eventually, listening
+from tests.billing.notifycache import eventually, listening, quiet
 
 VM = "sip:voicemail@example.com"
 DOMAIN = "divert.example"
@@ -48,6 +48,7 @@ async def test_lock_unlock_and_voicemail_uri_are_heard(
 ) -> None:
     ledger = Ledger(db_pool)
     account_id = await _account(ledger, "3001")
+    await quiet(cache, db_pool)
     assert cache.peek("3001", DOMAIN) is MISS
     assert await cache.lookup("3001", DOMAIN) is None
     assert cache.peek("3001", DOMAIN) is None  # cached: the call path needs no await
@@ -79,6 +80,7 @@ async def test_balance_changes_keep_the_entry_and_moves_drop_it(
 ) -> None:
     ledger = Ledger(db_pool)
     account_id = await _account(ledger, "3002")
+    await quiet(cache, db_pool)
     assert await cache.lookup("3002", DOMAIN) is None
     # Every charge and reservation notifies the account: that is not a reason to ask again.
     balances = BalanceCache(ledger)
@@ -124,6 +126,7 @@ async def test_nothing_is_stored_without_a_listener_or_across_a_change(
     assert cache.peek("3004", DOMAIN) is MISS and len(cache) == 0  # not listening
 
     async with listening(cache, db_pool):
+        await quiet(cache, db_pool)
         assert await cache.lookup("3004", DOMAIN) is None
         assert len(cache) == 1
         # A notification while a miss is in flight: the answer is used, not stored.
@@ -146,6 +149,7 @@ async def test_a_bad_payload_empties_the_cache(db_pool: asyncpg.Pool,
                                                cache: DiversionCache) -> None:
     ledger = Ledger(db_pool)
     await _account(ledger, "3005")
+    await quiet(cache, db_pool)
     assert await cache.lookup("3005", DOMAIN) is None
     cache._on_notify(None, 0, "billing_account_changed", "garbage")
     assert cache.peek("3005", DOMAIN) is MISS and len(cache) == 0
