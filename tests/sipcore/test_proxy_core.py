@@ -36,6 +36,7 @@ class Server:
 
 
 def _udp_socket() -> socket.socket:
+    """A non-blocking UDP socket on a free loopback port (a phone, a callee)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setblocking(False)
     sock.bind(("127.0.0.1", 0))
@@ -96,9 +97,7 @@ async def _exchange(sock: socket.socket, data: bytes, port: int) -> bytes:
 
 
 async def test_answered_request_leaves_only_the_response_behind(server: Server) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.bind(("127.0.0.1", 0))
+    sock = _udp_socket()
     try:
         request = _options(server.port, "z9hG4bK-linger-1")
         first = await _exchange(sock, request, server.port)
@@ -119,14 +118,14 @@ async def test_answered_request_leaves_only_the_response_behind(server: Server) 
         sock.close()
 
 
-def _invite(port: int) -> bytes:
+def _invite(port: int, caller_port: int) -> bytes:
     return build_request("INVITE", f"sip:bob@localhost:{port}", [
-        ("Via", "SIP/2.0/UDP 127.0.0.1:5998;branch=z9hG4bK-linger-inv;rport"),
+        ("Via", f"SIP/2.0/UDP 127.0.0.1:{caller_port};branch=z9hG4bK-linger-inv;rport"),
         ("From", "<sip:alice@localhost>;tag=a1"),
         ("To", "<sip:bob@localhost>"),
         ("Call-ID", "linger-invite@probe"),
         ("CSeq", "1 INVITE"),
-        ("Contact", "<sip:alice@127.0.0.1:5998>"),
+        ("Contact", f"<sip:alice@127.0.0.1:{caller_port}>"),
         ("Max-Forwards", "70"),
     ])
 
@@ -155,11 +154,10 @@ async def _recv_status(sock: socket.socket, status: int) -> bytes:
 async def test_answered_invite_leaves_no_context_but_still_relays_2xx_again(
         server: Server) -> None:
     loop = asyncio.get_running_loop()
-    caller = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    caller.setblocking(False)
-    caller.bind(("127.0.0.1", 5998))
+    caller = _udp_socket()
     try:
-        await loop.sock_sendto(caller, _invite(server.port), ("127.0.0.1", server.port))
+        await loop.sock_sendto(caller, _invite(server.port, caller.getsockname()[1]),
+                               ("127.0.0.1", server.port))
         forwarded, proxy_addr = await asyncio.wait_for(
             loop.sock_recvfrom(server.callee, 65535), 2.0)
         assert forwarded.startswith(b"INVITE sip:bob@127.0.0.1")
@@ -187,16 +185,15 @@ async def test_answered_invite_leaves_no_context_but_still_relays_2xx_again(
 
 
 async def test_a_stateless_challenge_leaves_no_transaction(server: Server) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setblocking(False)
-    sock.bind(("127.0.0.1", 0))
+    sock = _udp_socket()
+    port = sock.getsockname()[1]
     register = build_request("REGISTER", "sip:localhost", [
-        ("Via", "SIP/2.0/UDP 127.0.0.1:5997;branch=z9hG4bK-stateless-1;rport"),
+        ("Via", f"SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bK-stateless-1;rport"),
         ("From", "<sip:carol@localhost>;tag=c1"),
         ("To", "<sip:carol@localhost>"),
         ("Call-ID", "stateless-1@probe"),
         ("CSeq", "1 REGISTER"),
-        ("Contact", "<sip:carol@127.0.0.1:5997>"),
+        ("Contact", f"<sip:carol@127.0.0.1:{port}>"),
         ("Max-Forwards", "70"),
     ])
     try:
