@@ -426,33 +426,54 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
     await node_b.listen()
     try:
         aor = "sip:ivan@example.com"
-        b = binding(aor, "sip:i@1")
+        b = binding(aor, "sip:i@1", q=0.5, path=("<sip:edge.example.com;lr>",),
+                    instance='"<urn:uuid:00000000-0000-0000-0000-000000000001>"', reg_id=1,
+                    user_agent="Phone\t1")
         await node_a.update(aor, add(b))
         await _until(lambda: len(node_b.lookup(aor)) == 1)
-        assert node_b.lookup(aor)[0].contact == "sip:i@1"
+        # A new contact comes with the notification itself (no query), every field intact.
+        assert node_b.stats["remote_changes"] == 1 and node_b.stats["reloads"] == 0
+        assert node_b.lookup(aor)[0].as_dict(0) == b.as_dict(0)
         assert node_a.stats["reloads"] == 0  # its own notification was recognised
         # Node b's watchers (presence) hear of the new contact; node a raised its own events.
         assert [(e.aor, [x.contact for x in e.bindings]) for e in reloaded_b] == [
             (aor, ["sip:i@1"])]
+        # A second contact joins the first; then it is removed on its own (Expires: 0).
+        second = binding(aor, "sip:i@2")
+        await node_a.update(aor, add(second))
+        await _until(lambda: len(node_b.lookup(aor)) == 2)
+        assert [x.contact for x in reloaded_b[-1].bindings] == ["sip:i@1", "sip:i@2"]
+        await node_a.update(aor, lambda cur: BindingChange(cur[:1], removed=cur[1:]))
+        await _until(lambda: len(node_b.lookup(aor)) == 1)
+        assert node_b.stats["remote_changes"] == 3 and node_b.stats["reloads"] == 0
+        assert len(reloaded_b) == 3
         # A plain refresh changes no contact: applied from the notification itself (no
         # query), nothing announced.
         reloads = node_b.stats["reloads"]
         first = node_a.lookup(aor)[0]
         fresh = Binding(aor, "sip:i@1", first.source, first.expires_at + 600,
-                        call_id=first.call_id, cseq=first.cseq + 1,
-                        received_at=first.received_at + 1.5)
+                        call_id=first.call_id, cseq=first.cseq + 1, q=first.q,
+                        path=first.path, user_agent=first.user_agent, instance=first.instance,
+                        reg_id=first.reg_id, received_at=first.received_at + 1.5)
         await node_a.update(aor, lambda cur: BindingChange((fresh,), refreshed=(fresh,)))
         await _until(lambda: node_b.stats["remote_refreshes"] == 1)
         (seen,) = node_b.lookup(aor)
         assert (seen.expires_at, seen.cseq, seen.received_at, seen.call_id, seen.source) == (
             fresh.expires_at, fresh.cseq, fresh.received_at, fresh.call_id, fresh.source)
-        assert node_b.stats["reloads"] == reloads and len(reloaded_b) == 1
-        # A refresh from a new source (a NAT rebinding) is reloaded: everything is re-read.
+        assert node_b.stats["reloads"] == reloads and len(reloaded_b) == 3
+        # A refresh from a new source (a NAT rebinding) carries the whole binding.
         moved = Binding(aor, "sip:i@1", Peer("UDP", "192.0.2.77", 4000), fresh.expires_at,
                         call_id=fresh.call_id, cseq=fresh.cseq + 1)
         await node_a.update(aor, lambda cur: BindingChange((moved,), refreshed=(moved,)))
-        await _until(lambda: node_b.stats["reloads"] > reloads)
-        assert node_b.lookup(aor)[0].source == moved.source and len(reloaded_b) == 1
+        await _until(lambda: node_b.stats["remote_changes"] == 4)
+        assert node_b.lookup(aor)[0].as_dict(0) == moved.as_dict(0)
+        assert node_b.stats["reloads"] == reloads and len(reloaded_b) == 3
+        # A notification that cannot be read is not guessed at: the AoR is re-read.
+        node_b._on_notify(None, 0, LocationService.CHANNEL, f"{aor}\tD\t[not json")
+        await _until(lambda: node_b.stats["reloads"] == reloads + 1)
+        (reread,) = node_b.lookup(aor)
+        assert (reread.contact, reread.source, reread.cseq) == (
+            moved.contact, moved.source, moved.cseq)
         await node_b.remove(aor)
         await _until(lambda: node_a.lookup(aor) == ())
         assert [(e.aor, e.bindings) for e in reloaded_a] == [(aor, ())]
