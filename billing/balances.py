@@ -39,26 +39,17 @@ over (cheaper than an LRU on the hot path, and a refill is one query per phone).
 
 from __future__ import annotations
 
-import enum
 from typing import Any, Final, Literal, TypeAlias
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from billing.ledger import DisplayBalance, Ledger
+from sipcore.subscribers import MISS, Miss
 
 CHANNEL: Final = "billing_account_changed"
 
 _ABSENT: Final[Any] = object()
-
-
-class Miss(enum.Enum):
-    MISS = 0
-
-
-#: A cache's ``peek`` holds nothing for the key: ask the database (``display_balance``,
-#: :meth:`billing.diversions.DiversionCache.lookup`).
-MISS: Final = Miss.MISS
 
 Listener: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 

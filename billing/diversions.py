@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final, Literal
 
-from billing.balances import CHANNEL, MISS, Listener, Miss
+from billing.balances import CHANNEL, Listener
+from sipcore.subscribers import MISS, Miss
 
 if TYPE_CHECKING:
     from billing.db import Pool

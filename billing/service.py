@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import asyncpg
 
-from billing.balances import MISS, BalanceCache, Miss
+from billing.balances import BalanceCache
 from billing.credit import (
     CREDIT_EXHAUSTED,
     DATABASE_UNREACHABLE,
@@ -105,6 +105,7 @@ from billing.settings import BillingSettings
 from sipcore.errors import SipParseError
 from sipcore.pipeline import RequestContext, Stage, Target
 from sipcore.proxy import CallAnswered, CallFailed, Dialog, DialogConfirmed, DialogTerminated
+from sipcore.subscribers import MISS, Miss
 from sipcore.transport_types import Peer
 from sipcore.uri import SipUri, TelUri, parse_uri
 

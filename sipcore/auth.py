@@ -66,7 +66,7 @@ from sipcore.digest import (
 from sipcore.errors import SipParseError
 from sipcore.pipeline import RequestContext
 from sipcore.ratelimit import FailureCounter
-from sipcore.subscribers import SubscriberStore
+from sipcore.subscribers import MISS, Subscriber, SubscriberStore
 from sipcore.uri import SipUri
 
 __all__ = ["AuthSettings", "DigestAuth", "realms_for_domains"]
@@ -222,9 +222,15 @@ class DigestAuth:
             self.stats["blocked_user"] += 1
             return ctx.reply(403, "Too Many Failures")
 
-        return self._verify(ctx, creds, user, domain, realm, proxy, now, mono, user_key)
+        subscriber = self.subscribers.peek(creds.username, domain)
+        if subscriber is MISS:
+            return self._lookup_and_check(ctx, creds, user, domain, realm, proxy, now, mono,
+                                          user_key)
+        # Cached (a phone refreshing, or the answer to its own challenge): no task, no await.
+        return self._check(ctx, creds, subscriber, user, domain, realm, proxy, now, mono,
+                           user_key)
 
-    async def _verify(
+    async def _lookup_and_check(
         self,
         ctx: RequestContext,
         creds: DigestCredentials,
@@ -236,10 +242,26 @@ class DigestAuth:
         mono: float,
         user_key: str,
     ) -> bool:
+        subscriber = await self.subscribers.get(creds.username, domain)
+        return self._check(ctx, creds, subscriber, user, domain, realm, proxy, now, mono,
+                           user_key)
+
+    def _check(
+        self,
+        ctx: RequestContext,
+        creds: DigestCredentials,
+        subscriber: Subscriber | None,
+        user: str | None,
+        domain: str,
+        realm: str,
+        proxy: bool,
+        now: float,
+        mono: float,
+        user_key: str,
+    ) -> bool:
         req = ctx.request
         source = ctx.source.host
         header = "Proxy-Authorization" if proxy else "Authorization"
-        subscriber = await self.subscribers.get(creds.username, domain)
         stored = (
             {"MD5": subscriber.ha1_md5, "SHA-256": subscriber.ha1_sha256}
             if subscriber is not None

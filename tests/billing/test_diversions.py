@@ -12,9 +12,10 @@ from decimal import Decimal
 import asyncpg
 import pytest
 
-from billing.balances import MISS, BalanceCache
+from billing.balances import BalanceCache
 from billing.diversions import DiversionCache
 from billing.ledger import Ledger
+from sipcore.subscribers import MISS
 from tests.billing.notifycache import eventually, listening, quiet
 
 VM = "sip:voicemail@example.com"

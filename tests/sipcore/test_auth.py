@@ -161,6 +161,25 @@ async def test_sha256_client_registers(h: Harness) -> None:
     assert ctx.user == "alice"
 
 
+async def test_a_cached_subscriber_is_checked_without_waiting(
+        subscribers: SubscriberStore) -> None:
+    # A store that has not looked alice up yet asks the database (the handler returns an
+    # awaitable, which costs the pipeline a task); once it has, her next REGISTER is checked
+    # on the spot.
+    h = Harness(SubscriberStore(subscribers.pool), AuthSettings())
+    for cseq, on_the_spot in ((2, False), (4, True)):
+        first = reg(cseq=cseq - 1)
+        challenge = await h.reply_to(first)
+        second = reg(cseq=cseq, authorization=answer(challenge, first, username="alice",
+                                                     password=PASSWORD))
+        ctx = context(second, PHONE)
+        result = h.auth(ctx)
+        assert isinstance(result, bool) is on_the_spot
+        if not isinstance(result, bool):
+            result = await result
+        assert result is False and ctx.user == "alice"
+
+
 async def test_wrong_password_and_unknown_user_look_the_same(h: Harness) -> None:
     first = reg()
     challenge = await h.reply_to(first)
