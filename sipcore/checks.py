@@ -59,10 +59,12 @@ def request_checks(
     # cannot be answered and a CANCEL carries no Require (RFC 3261 §9.2).
     if req.method in ("ACK", "CANCEL"):
         return
-    known = {tag.lower() for tag in supported}
     required = req.header_values("proxy-require")
     if local_target:
         required += req.header_values("require")
+    if not required:
+        return
+    known = {tag.lower() for tag in supported}
     unsupported = [tag for tag in required if tag.lower() not in known]
     if unsupported:
         raise SipParseError(

@@ -277,8 +277,33 @@ def uri_scheme(text: str) -> str:
     return scheme.lower()
 
 
+#: Parsed URIs by their text. The same few URIs come back in every message of a phone (its
+#: AoR in To and From, the registrar's Request-URI, its contact), each costing a few µs to
+#: parse again. Bounded in entries and in the length of a cached text (a peer's long URIs are
+#: parsed every time, not kept); when full it starts over, cheaper on the hot path than an LRU.
+_PARSED: dict[str, SipUri | TelUri] = {}
+_PARSED_MAX = 4096
+_PARSED_MAX_TEXT = 200
+
+
 def parse_uri(text: str) -> SipUri | TelUri:
-    """Parse a SIP, SIPS or TEL URI; 416 for any other scheme, 400 for malformed text."""
+    """Parse a SIP, SIPS or TEL URI; 416 for any other scheme, 400 for malformed text.
+
+    The result may be shared with other callers that parsed the same text: treat it as
+    read-only (nothing in sipbill changes a parsed URI; build a new one instead).
+    """
+    uri = _PARSED.get(text)
+    if uri is not None:
+        return uri
+    uri = _parse_uri(text)
+    if len(text) <= _PARSED_MAX_TEXT:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[text] = uri
+    return uri
+
+
+def _parse_uri(text: str) -> SipUri | TelUri:
     try:
         scheme = uri_scheme(text)
         if scheme == "sip" or scheme == "sips":

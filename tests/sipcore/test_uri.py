@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from sipcore import uri
 from sipcore.errors import SipParseError
 from sipcore.uri import SipUri, TelUri, parse_uri, split_host_port
 
@@ -155,3 +156,22 @@ def test_constructed_uri_formats() -> None:
     assert repr(uri) == "SipUri('sip:a%20b@proxy.example.com;lr;transport=udp')"
     assert hash(uri) == hash(sip(str(uri)))
     assert str(TelUri("+12015550123")) == "tel:+12015550123"
+
+
+def test_parsed_uris_are_kept_for_the_next_message_within_bounds() -> None:
+    # A phone's URIs come back in each of its messages: the second parse is the first
+    # result (read-only by convention), not a new one.
+    text = "sip:kept@example.com;transport=udp"
+    assert parse_uri(text) is parse_uri(text)
+    # Long texts are parsed every time (a peer's URIs must not fill memory), and the store
+    # starts over when it is full.
+    long_text = "sip:" + "a" * 300 + "@example.com"
+    assert parse_uri(long_text) is not parse_uri(long_text)
+    assert parse_uri(long_text).user == "a" * 300
+    for n in range(uri._PARSED_MAX + 10):
+        parse_uri(f"sip:u{n}@example.com")
+    assert len(uri._PARSED) <= uri._PARSED_MAX
+    # Errors are raised every time, never kept.
+    for _ in range(2):
+        with pytest.raises(SipParseError):
+            parse_uri("sip:bad host@example.com")
