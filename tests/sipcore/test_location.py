@@ -19,6 +19,7 @@ from sipcore.location import (
     ContactsReloaded,
     LocationService,
     LocationWriteError,
+    _Op,
     aor_of,
 )
 from sipcore.pipeline import EventBus
@@ -231,7 +232,7 @@ async def test_restart_loads_unexpired_bindings(
         path=("<sip:a;lr>", "<sip:b;lr>"),
         instance='"<urn:x>"',
         reg_id=1,
-        user_agent="Phone/1.0",
+        user_agent="Téléphone\t☎ \"1.0\" \\ x",
     )
     await first.update(aor, add(kept))
     await first.close()
@@ -248,7 +249,9 @@ async def test_restart_loads_unexpired_bindings(
         (loaded,) = second.lookup(aor)
         assert loaded.contact == "sip:e@1" and loaded.source == SOURCE
         assert loaded.q == 0.25 and loaded.path == ("<sip:a;lr>", "<sip:b;lr>")
-        assert (loaded.instance, loaded.reg_id, loaded.user_agent) == ('"<urn:x>"', 1, "Phone/1.0")
+        assert (loaded.instance, loaded.reg_id, loaded.user_agent) == (
+            '"<urn:x>"', 1, "Téléphone\t☎ \"1.0\" \\ x")
+        assert (loaded.cseq, loaded.call_id) == (kept.cseq, kept.call_id)
         assert abs(loaded.expires_at - kept.expires_at) < 1e-3
         assert second.lookup_contact("sip:e@1") is loaded
         assert await db_rows(db_pool, aor) == ["sip:e@1"]
@@ -489,3 +492,17 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.02)
+
+
+async def test_a_change_too_big_for_a_notification_names_only_the_aor(
+        location: LocationService) -> None:
+    # PostgreSQL refuses NOTIFY payloads of 8,000 bytes or more: a change that big is sent
+    # as the bare AoR, and the other nodes re-read it.
+    aor = "sip:zoe@example.com"
+    loop = asyncio.get_running_loop()
+    small = BindingChange((binding(aor, "sip:z@1"),), added=(binding(aor, "sip:z@1"),))
+    many = tuple(binding(aor, f"sip:z{n}@{'h' * 200}.example.com") for n in range(40))
+    big = BindingChange(many, added=many)
+    notice = location._notice(_Op(aor, small, (), loop.create_future()))
+    assert notice.startswith(f"{aor}\tD\t[[],[[")
+    assert location._notice(_Op(aor, big, (), loop.create_future())) == aor
