@@ -314,7 +314,7 @@ def load_settings(path: str | Path) -> Settings:
 
 
 def auth_secret(settings: Settings) -> bytes:
-    """The nonce HMAC key: ``SIPBILL_AUTH_SECRET`` or a random key kept in the data dir.
+    """The nonce MAC secret: ``SIPBILL_AUTH_SECRET`` or a random key kept in the data dir.
 
     Keeping it on disk means nonces issued before a restart still verify after it, and all
     worker processes of one node share it.
