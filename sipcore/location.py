@@ -629,33 +629,39 @@ class LocationService:
 
     def _flush_json(self, batch: list[_Op]) -> str:
         """``batch`` as ``_FLUSH_SQL``'s parameter: ``[upserts, deletes, AoRs to clear,
-        expiry deletes, notifications]`` (rows in :func:`_row_values` order)."""
-        upserts: list[tuple[Any, ...]] = []
+        expiry deletes, notifications]`` (upserts are :func:`_row_values` rows).  Each op's
+        rows are encoded once, for the document and for its notification."""
+        upserts: list[str] = []  # each op's rows, encoded, without the outer brackets
         deletes: list[tuple[str, str]] = []
         cleared: list[str] = []
         expired: list[tuple[str, str, float]] = []
         notices: list[str] = []
         for op in batch:
             change = op.change
+            rows = ""
             if change is not None:
-                upserts += map(_row_values, change.added)
-                upserts += map(_row_values, change.refreshed)
+                if change.added or change.refreshed:
+                    rows = _compact_json([*map(_row_values, change.added),
+                                          *map(_row_values, change.refreshed)])
+                    upserts.append(rows[1:-1])
                 if change.remove_all:
                     cleared.append(op.aor)
                 else:
                     deletes += [(op.aor, b.contact) for b in change.removed]
             expired += [(op.aor, b.contact, b.expires_at) for b in op.expired]
             if self.notify:
-                notices.append(self._notice(op))
-        return _compact_json([upserts, deletes, cleared, expired, notices])
+                notices.append(self._notice(op, rows or "[]"))
+        rest = _compact_json([deletes, cleared, expired, notices])
+        return f"[[{','.join(upserts)}],{rest[1:]}"
 
-    def _notice(self, op: _Op) -> str:
+    def _notice(self, op: _Op, rows: str) -> str:
         """The ``location_changed`` payload for ``op``: the AoR (other nodes reload it), or
         for a plain refresh -- the same contacts from the same place, only expiry, CSeq and
         time received new, which is most REGISTERs -- the AoR followed by those fields
         (``aor TAB R (TAB contact TAB expires_at TAB cseq TAB received_at)...``), or for any
-        other REGISTER change the bindings written and the contacts removed (``aor TAB D TAB
-        json``, see :func:`_delta_json`), so other nodes apply it without a query."""
+        other REGISTER change ``aor TAB D TAB [[removed contact, ...], rows]`` with ``rows``
+        the :func:`_row_values` of the bindings written, as JSON (ASCII, no tab), so other
+        nodes apply it without a query."""
         change = op.change
         if change is None or op.expired or change.remove_all or "\t" in op.aor:
             return op.aor
@@ -663,7 +669,8 @@ class LocationService:
         if change.refreshed and not (change.added or change.removed):
             text = self._refresh_notice(op.aor, change)
         if text is None:
-            text = f"{op.aor}\tD\t{_delta_json(change)}"
+            removed = _compact_json([b.contact for b in change.removed]) if change.removed else "[]"
+            text = f"{op.aor}\tD\t[{removed},{rows}]"
         return text if len(text.encode()) < _NOTICE_MAX else op.aor
 
     def _refresh_notice(self, aor: str, change: BindingChange) -> str | None:
@@ -964,7 +971,7 @@ class LocationService:
         self._spawn(self._reload(aor))
 
     def _apply_delta(self, aor: str, text: str) -> bool:
-        """Apply another node's change of ``aor`` (:func:`_delta_json`) in memory: its
+        """Apply another node's change of ``aor`` (see :meth:`_notice`) in memory: its
         bindings replace or join ours, its removed contacts go.  False when it cannot be
         read or a change of ours is in flight (then the AoR is reloaded)."""
         if aor in self._inflight:
@@ -977,12 +984,13 @@ class LocationService:
             by_contact = {b.contact: b for b in current}
             for contact in removed:
                 by_contact.pop(contact, None)
-            for (contact, transport, host, port, expires_at, q, call_id, cseq, path,
+            for (_, contact, transport, host, port, expires_at, q, call_id, cseq, path,
                  user_agent, instance, reg_id, received_at) in rows:
                 by_contact[contact] = Binding(
                     key, contact, self._share_source(Peer(transport, host, port)),
                     float(expires_at), q=_Q_DEFAULT if q == _Q_DEFAULT else float(q),
-                    call_id=call_id, cseq=int(cseq), path=tuple(path),
+                    call_id=call_id, cseq=int(cseq),
+                    path=tuple(split_values(path)) if path else (),
                     user_agent=shared(user_agent), instance=instance, reg_id=reg_id,
                     received_at=float(received_at))
         except (ValueError, TypeError):
@@ -1115,18 +1123,6 @@ class LocationService:
 
 #: json.dumps with separators builds a new encoder per call.
 _compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _delta_json(change: BindingChange) -> str:
-    """``[[removed contact, ...], [[contact, transport, source host, source port, expires_at,
-    q, call_id, cseq, [path, ...], user_agent, instance, reg_id, received_at], ...]]`` for
-    the bindings ``change`` added or refreshed; ASCII only, no tab (json escapes both)."""
-    rows = [
-        [b.contact, b.source.transport, b.source.host, b.source.port, b.expires_at, b.q,
-         b.call_id, b.cseq, list(b.path), b.user_agent, b.instance, b.reg_id, b.received_at]
-        for b in (*change.added, *change.refreshed)
-    ]
-    return _compact_json([[b.contact for b in change.removed], rows])
 
 
 def _row_values(b: Binding) -> tuple[Any, ...]:

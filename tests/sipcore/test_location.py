@@ -4,6 +4,7 @@ LISTEN/NOTIFY between two instances ("nodes"), and failure handling."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -503,6 +504,13 @@ async def test_a_change_too_big_for_a_notification_names_only_the_aor(
     small = BindingChange((binding(aor, "sip:z@1"),), added=(binding(aor, "sip:z@1"),))
     many = tuple(binding(aor, f"sip:z{n}@{'h' * 200}.example.com") for n in range(40))
     big = BindingChange(many, added=many)
-    notice = location._notice(_Op(aor, small, (), loop.create_future()))
-    assert notice.startswith(f"{aor}\tD\t[[],[[")
-    assert location._notice(_Op(aor, big, (), loop.create_future())) == aor
+
+    def notice(change: BindingChange) -> str:
+        document = json.loads(location._flush_json([_Op(aor, change, (), loop.create_future())]))
+        assert [row[1] for row in document[0]] == [b.contact for b in change.added]
+        (text,) = document[4]
+        assert isinstance(text, str)
+        return text
+
+    assert notice(small).startswith(f"{aor}\tD\t[[],[[")
+    assert notice(big) == aor
