@@ -82,6 +82,7 @@ from typing import Any, Final
 
 import asyncpg
 
+from sipcore.errors import SipParseError
 from sipcore.headers import split_values
 from sipcore.pipeline import EventBus
 from sipcore.transport_types import Peer
@@ -993,7 +994,7 @@ class LocationService:
                     path=tuple(split_values(path)) if path else (),
                     user_agent=shared(user_agent), instance=instance, reg_id=reg_id,
                     received_at=float(received_at))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, SipParseError):
             log.warning("event=location_notice_unreadable aor=%s", aor)
             return False
         after = tuple(by_contact.values())

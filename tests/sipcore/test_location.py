@@ -478,6 +478,12 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
         (reread,) = node_b.lookup(aor)
         assert (reread.contact, reread.source, reread.cseq) == (
             moved.contact, moved.source, moved.cseq)
+        # Nor is one whose JSON is fine but whose Path is not a header list.
+        bad_path = json.dumps([[], [[aor, "sip:i@9", "UDP", "192.0.2.9", 5060, 9e9, 1.0,
+                                     "c", 1, "<sip:a;lr>,<sip:b;lr", "", None, None, 0]]])
+        node_b._on_notify(None, 0, LocationService.CHANNEL, f"{aor}\tD\t{bad_path}")
+        await _until(lambda: node_b.stats["reloads"] == reloads + 2)
+        assert [x.contact for x in node_b.lookup(aor)] == [moved.contact]
         await node_b.remove(aor)
         await _until(lambda: node_a.lookup(aor) == ())
         assert [(e.aor, e.bindings) for e in reloaded_a] == [(aor, ())]
