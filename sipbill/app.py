@@ -37,6 +37,7 @@ from aiohttp import web
 from sipbill.control import ControlServer, MethodRegistry
 from sipbill.coremethods import core_stats, register_core_methods
 from sipbill.db import EmbeddedPostgres, create_pool, migrate
+from sipbill.gcpace import GcPacer
 from sipbill.metrics import Metrics
 from sipbill.modules import setup_modules
 from sipbill.settings import Settings, auth_secret
@@ -113,6 +114,7 @@ class Application:
         self.metrics: Metrics | None = None
         self.worker_id = worker.index if worker is not None else 0
         self.db_latency = LatencyHistogram()
+        self.gc_pacer = GcPacer()
 
     async def start(self) -> None:
         s = self.settings
@@ -201,6 +203,7 @@ class Application:
         self.ctx = AppContext(s, self.pool, stack, pipeline, events, proxy, identity,
                               subscribers, http, location, registry)
         self.ctx.services.update(auth=auth, nonces=nonces, db_latency=self.db_latency,
+                                 gc_pacer=self.gc_pacer,
                                  worker_index=self.worker_id)
         if self.channel is not None:
             self.ctx.services["workers"] = self.channel
@@ -295,13 +298,16 @@ class Application:
 #: promotes live ones (open transactions, queued writes) to the older generations, whose
 #: full collections walk the whole heap and paused the event loop for 30-400 ms (measured
 #: with gc.callbacks under bench/sip_load.py: the p99 of every transaction was such pauses).
+#: Under steady load this count hardly moves (see :mod:`sipbill.gcpace`), so the young and
+#: middle generations are also collected on a clock.
 GC_THRESHOLD: Final = (20_000, 20, 20)
 
 
 def tune_gc() -> None:
     """Once the server has started: collect, then move everything that exists now (modules,
     settings, loaded bindings and rates) into the permanent generation with ``gc.freeze()``,
-    so later collections never walk it again, and collect the young generation less often."""
+    so later collections never walk it again, and collect the young generation less often
+    on allocation counts (:class:`sipbill.gcpace.GcPacer` collects it on a clock as well)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
@@ -323,8 +329,12 @@ async def run(settings: Settings, stop: asyncio.Event | None = None,
         await app.stop(grace=0)
         return 1
     tune_gc()
+    app.gc_pacer.start()
     log.info("event=started")
-    await stop.wait()
+    try:
+        await stop.wait()
+    finally:
+        app.gc_pacer.stop()
     log.info("event=stopping")
     await app.stop()
     return 0

@@ -39,6 +39,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
+from sipbill.gcpace import GcPacer
 from sipcore.latency import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -252,6 +253,11 @@ class SipbillCollector(Collector):
         yield _histogram("sipbill_sip_request_processing_seconds",
                          "Time from a request's arrival until the server answered or relayed "
                          "it (the pipeline walk), by method.", "method", self.ctx.proxy.latency)
+        pacer = self.ctx.services.get("gc_pacer")
+        if isinstance(pacer, GcPacer):
+            yield _histogram("sipbill_gc_pause_seconds",
+                             "Cyclic garbage collections (the event loop stands still for "
+                             "each), by generation.", "generation", pacer.pauses)
 
 
     def _modules(self) -> Iterator[Metric]:
