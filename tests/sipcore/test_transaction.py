@@ -6,6 +6,8 @@ passes as ``now``; the "wire" is ``datagrams_to_send``.
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from sipcore.message import Request, Response, build_response, parse_message
@@ -354,6 +356,20 @@ def test_non_invite_server_trying_absorbs_retransmissions_silently() -> None:
     layer.receive_request(make_request("OPTIONS"), UAC, 0.5)
     assert wire(layer) == [] and events(layer) == []
     assert layer.stats.requests_absorbed == 1
+
+
+def test_a_lingering_server_transaction_leaves_the_collector_only_itself() -> None:
+    # Thousands of answered requests linger for Timer J: their key and timer entry are plain
+    # tuples the garbage collector stops tracking, so its collections walk one object each.
+    layer = TransactionLayer()
+    key, req = start_server(layer, "OPTIONS")
+    layer.send_response(key, build_response(req, 200, to_tag="t"), 200, 0.0)
+    assert layer.state_of(key) is TxState.COMPLETED
+    gc.collect()
+    tx = layer._txs[key]
+    (entry,) = [e for e in layer._heap if e[2] is tx.key]
+    assert not gc.is_tracked(tx.key) and not gc.is_tracked(entry)
+    assert tx.key == ServerTxKey("z9hG4bK-uac-1", "192.0.2.10", 5060, "OPTIONS")
 
 
 def test_non_invite_server_resends_last_response_and_timer_j_ends_it() -> None:
