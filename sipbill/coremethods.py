@@ -41,6 +41,8 @@ def core_stats(ctx: AppContext) -> dict[str, Any]:
         "dialogs": len(ctx.proxy.dialogs),
         "location": {"aors": ctx.location.aor_count,
                      "bindings": ctx.location.binding_count, **ctx.location.stats},
+        "subscribers": {"listening": int(ctx.subscribers.listening),
+                        **ctx.subscribers.stats},
         "pipeline_errors": ctx.pipeline.errors,
     }
     channel = ctx.services.get("workers")

@@ -7,7 +7,15 @@ lookup of the softphone in seed 000. Changing the password recomputes all three.
 
 The registrar reads HA1s on every authentication, so :class:`SubscriberStore` keeps an
 in-memory cache that is filled on first use and updated by the store's own writes; other nodes
-learn of changes by ``NOTIFY subscribers_changed`` (see :meth:`SubscriberStore.listen`).
+learn of changes by ``NOTIFY subscribers_changed`` (see :meth:`SubscriberStore.listen`).  The
+cache is only as good as that channel.  When the listening connection is lost, notifications
+sent meanwhile are lost with it: the cache goes on answering from what it holds (in a database
+outage the phones it knows keep authenticating, and nobody can change a subscriber then
+either) but stores nothing new, and it is emptied as soon as a new connection listens, so a
+password changed, or a subscriber removed, while the notifications were lost does not keep its
+old secrets for longer than the reconnection takes.  A read that a notification overtook is
+not stored either (a generation count), so a change committed while the read was on its way is
+not shadowed by the row from before it.
 
 The cache holds an entry per registered phone, and memory per phone is a target of its own
 (issue 3): the three secrets are one ``bytes`` of raw digests (64 bytes, 112 with the object,
@@ -17,9 +25,11 @@ subscriber) and a cached subscriber's ``username`` and ``domain`` are the cache'
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import hashlib
+import logging
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +41,8 @@ from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["MISS", "Miss", "Subscriber", "SubscriberError", "SubscriberExists", "SubscriberStore",
            "derive_secrets"]
+
+log = logging.getLogger("sipcore.subscribers")
 
 
 class Miss(enum.Enum):
@@ -158,13 +170,18 @@ class SubscriberStore:
         self._cached = 0
         self._domains: dict[str, str] = {}  # one string per domain
         self._listen_conn: PoolConnectionProxy[Record] | None = None
+        # Bumped by every change seen (notification, own write, lost channel): a read that
+        # started under an older generation is not stored.
+        self._generation = 0
+        self._lost = False  # the listening connection is gone: store nothing new
+        self._closed = False
+        self._relisten_task: asyncio.Task[None] | None = None
+        self.stats: dict[str, int] = {"listen_lost": 0}
 
     def _cache_put(self, username: str, domain: str, sub: Subscriber | None) -> None:
         """Cache ``sub`` under the key strings, which it then shares (``domain`` lower case)."""
         if self._cached >= _CACHE_MAX:
-            self._cache.clear()  # bound memory against a dictionary attack on usernames
-            self._domains.clear()
-            self._cached = 0
+            self._cache_clear()  # bound memory against a dictionary attack on usernames
         domain = self._domains.setdefault(domain, domain)
         users = self._cache.get(domain)
         if users is None:
@@ -183,7 +200,13 @@ class SubscriberStore:
             if not users:
                 del self._cache[domain]
 
+    def _cache_clear(self) -> None:
+        self._cache.clear()
+        self._domains.clear()
+        self._cached = 0
+
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        self._generation += 1
         user, _, dom = str(payload).partition("@")
         self._cache_drop(user, dom.lower())
 
@@ -208,7 +231,8 @@ class SubscriberStore:
                 raise SubscriberExists(f"subscriber {username}@{domain} already exists")
             await conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, f"{username}@{domain}")
         sub = _row(row)
-        self._cache_put(username, sub.domain, sub)
+        if not self._lost:
+            self._cache_put(username, sub.domain, sub)
         return sub
 
     async def ensure(self, username: str, domain: str, password: str) -> bool:
@@ -236,6 +260,7 @@ class SubscriberStore:
             if status.endswith(" 0"):
                 raise SubscriberError(f"no subscriber {username}@{domain}")
             await conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, f"{username}@{domain}")
+        self._generation += 1
         self._cache_drop(username, domain.lower())
 
     async def delete(self, username: str, domain: str) -> None:
@@ -247,6 +272,7 @@ class SubscriberStore:
             if status.endswith(" 0"):
                 raise SubscriberError(f"no subscriber {username}@{domain}")
             await conn.execute("SELECT pg_notify($1, $2)", self.CHANNEL, f"{username}@{domain}")
+        self._generation += 1
         self._cache_drop(username, domain.lower())
 
     async def list(self, domain: str | None = None) -> list[Subscriber]:
@@ -265,6 +291,7 @@ class SubscriberStore:
         users = self._cache.get(domain)
         if users is not None and username in users:
             return users[username]
+        generation = self._generation
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT ha1_md5, ha1_sha256, password_md5 FROM subscribers "
@@ -276,7 +303,8 @@ class SubscriberStore:
         sub = None
         if row is not None:
             sub = Subscriber.from_hex(username, domain, row[0], row[1], row[2])
-        self._cache_put(username, domain, sub)
+        if generation == self._generation and not self._lost:
+            self._cache_put(username, domain, sub)
         return sub
 
     def peek(self, username: str, domain: str) -> Subscriber | Literal[Miss.MISS] | None:
@@ -293,15 +321,62 @@ class SubscriberStore:
             return None
         return users[username] is not None
 
+    @property
+    def listening(self) -> bool:
+        """A connection listens for other nodes' changes (False before :meth:`listen` and
+        while a lost connection is being replaced)."""
+        return self._listen_conn is not None
+
     async def listen(self) -> None:
-        """Drop cache entries when another node changes a subscriber (LISTEN/NOTIFY)."""
+        """Drop cache entries when another node changes a subscriber (LISTEN/NOTIFY); if the
+        connection is lost, empty the cache and listen again (see the module docstring)."""
         conn = await self.pool.acquire()
+        try:
+            await conn.add_listener(self.CHANNEL, self._on_notify)
+            conn.add_termination_listener(self._on_listen_lost)
+        except BaseException:
+            await self.pool.release(conn)
+            raise
         self._listen_conn = conn
-        await conn.add_listener(self.CHANNEL, self._on_notify)
+        if self._lost:
+            # Whatever changed while nobody listened is unknown: start from the database.
+            self._generation += 1
+            self._cache_clear()
+            self._lost = False
+
+    def _on_listen_lost(self, _conn: object) -> None:
+        if self._closed:
+            return
+        log.warning("event=subscribers_listen_lost")
+        self.stats["listen_lost"] += 1
+        self._listen_conn = None
+        self._lost = True
+        self._generation += 1
+        if self._relisten_task is None or self._relisten_task.done():
+            self._relisten_task = asyncio.get_running_loop().create_task(self._relisten())
+
+    async def _relisten(self) -> None:
+        delay = 0.5
+        while not self._closed:
+            try:
+                await self.listen()
+                return
+            except Exception as exc:
+                log.error("event=subscribers_relisten_failed error=%r retry_in=%.1f", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def close(self) -> None:
+        self._closed = True
+        task, self._relisten_task = self._relisten_task, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._listen_conn is not None:
             conn, self._listen_conn = self._listen_conn, None
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError):
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                conn.remove_termination_listener(self._on_listen_lost)
                 await conn.remove_listener(self.CHANNEL, self._on_notify)
-            await self.pool.release(conn)
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                await self.pool.release(conn)

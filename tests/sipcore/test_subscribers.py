@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import sys
+from collections.abc import AsyncIterator, Callable, Generator
+from typing import Any
 
 import asyncpg
 import pytest
@@ -132,3 +135,119 @@ async def test_a_domain_in_capitals_gets_the_secrets_of_its_stored_form(
     await store.set_password("7001", "EXAMPLE.com", "pw7001")
     fetched = await store.get("7001", "example.com")
     assert fetched is not None and fetched.ha1_md5 == added.ha1_md5
+
+
+async def _eventually(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class RefusingListen:
+    """The real pool, except that a connection taken to LISTEN on (``await acquire()``)
+    fails while ``refuse`` is set; queries (``async with acquire()``) work."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.refuse = True
+        self.refused = 0
+
+    def acquire(self) -> object:
+        outer = self
+
+        class Acquire:
+            def __init__(self) -> None:
+                self.cm = outer.pool.acquire()
+
+            def __await__(self) -> Generator[Any, None, object]:
+                if outer.refuse:
+                    outer.refused += 1
+                    raise ConnectionRefusedError("LISTEN refused (test)")
+                return self.cm.__await__()
+
+            async def __aenter__(self) -> object:
+                return await self.cm.__aenter__()
+
+            async def __aexit__(self, *exc: object) -> None:
+                await self.cm.__aexit__(*exc)
+
+        return Acquire()
+
+    async def release(self, conn: object) -> None:
+        await self.pool.release(conn)  # type: ignore[arg-type]
+
+
+async def test_a_lost_listen_connection_empties_the_cache_once_it_listens_again(
+        db_pool: asyncpg.Pool, store: SubscriberStore) -> None:
+    await store.add("1002", "example.com", "pw1")
+    other = SubscriberStore(db_pool)
+    await other.listen()
+    try:
+        assert other.listening
+        assert await other.get("1002", "example.com") is not None
+        assert other.exists_cached("1002", "example.com")
+        # A change whose notification never arrives (as when it is sent while the connection
+        # is down): the cache still has the old secrets ...
+        new = derive_secrets("1002", "example.com", "pw2")
+        await db_pool.execute("UPDATE subscribers SET ha1_md5 = $1, ha1_sha256 = $2, "
+                              "password_md5 = $3 WHERE username = '1002'", *new)
+        cached = await other.get("1002", "example.com")
+        assert cached is not None and cached.ha1_md5 != new[0]
+        # ... until the listening connection is lost and a new one listens: then nothing
+        # cached before is trusted.  (Until then, LISTEN is refused, so the gap lasts.)
+        refusing = RefusingListen(db_pool)
+        other.pool = refusing  # type: ignore[assignment]
+        async with db_pool.acquire() as conn:
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+        await _eventually(lambda: other.stats["listen_lost"] == 1, "the lost connection")
+        await _eventually(lambda: refusing.refused > 0, "a refused LISTEN")
+        assert not other.listening
+        # Meanwhile (in a database outage, say) what is cached still answers; nothing new is
+        # stored.
+        assert await other.get("1002", "example.com") == cached
+        assert await other.get("1003", "example.com") is None
+        assert other.exists_cached("1003", "example.com") is None
+        refusing.refuse = False  # it retries by itself
+        await _eventually(lambda: other.listening, "listening again")
+        sub = await other.get("1002", "example.com")
+        assert sub is not None and sub.ha1_md5 == new[0]
+        assert other.exists_cached("1002", "example.com")
+        await store.set_password("1002", "example.com", "pw3")
+        await _eventually(lambda: other.exists_cached("1002", "example.com") is None,
+                          "the notification on the new connection")
+    finally:
+        await other.close()
+    assert not other.listening
+
+
+async def test_a_read_overtaken_by_a_change_is_not_stored(db_pool: asyncpg.Pool,
+                                                          store: SubscriberStore) -> None:
+    await store.add("1003", "example.com", "pw1")
+    fresh = SubscriberStore(db_pool)
+
+    class RacingPool:
+        """Hands out real connections; a change notification arrives while the row is read."""
+
+        @contextlib.asynccontextmanager
+        async def acquire(self) -> AsyncIterator[object]:
+            async with db_pool.acquire() as conn:
+                yield Racing(conn)
+
+    class Racing:
+        def __init__(self, conn: object) -> None:
+            self.conn = conn
+
+        async def fetchrow(self, *args: object) -> object:
+            row = await self.conn.fetchrow(*args)  # type: ignore[attr-defined]
+            fresh._on_notify(None, 0, SubscriberStore.CHANNEL, "1003@example.com")
+            return row
+
+    fresh.pool = RacingPool()  # type: ignore[assignment]
+    assert await fresh.get("1003", "example.com") is not None
+    assert fresh.exists_cached("1003", "example.com") is None  # read, returned, not stored
+    fresh.pool = db_pool
+    assert await fresh.get("1003", "example.com") is not None
+    assert fresh.exists_cached("1003", "example.com")
