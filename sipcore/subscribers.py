@@ -329,7 +329,7 @@ class SubscriberStore:
 
     async def listen(self) -> None:
         """Drop cache entries when another node changes a subscriber (LISTEN/NOTIFY); if the
-        connection is lost, empty the cache and listen again (see the module docstring)."""
+        connection is lost, listen again and then empty the cache (see the module docstring)."""
         conn = await self.pool.acquire()
         try:
             await conn.add_listener(self.CHANNEL, self._on_notify)
