@@ -212,6 +212,15 @@ class SipbillCollector(Collector):
                                   value=stats.get("challenged", 0))
         yield CounterMetricFamily("sipbill_auth_successes", "Requests authenticated.",
                                   value=stats.get("ok", 0))
+        subscribers = self.ctx.subscribers
+        yield GaugeMetricFamily("sipbill_subscribers_listening",
+                                "Subscriber-cache LISTEN connections up (one per worker "
+                                "process; a lost one is being replaced, and meanwhile other "
+                                "nodes' changes are not heard).",
+                                value=int(subscribers.listening))
+        yield CounterMetricFamily("sipbill_subscribers_listen_lost",
+                                  "Lost LISTEN connections of the subscriber cache.",
+                                  value=subscribers.stats.get("listen_lost", 0))
         fail = CounterMetricFamily("sipbill_auth_failures", "Authentication failures by reason.",
                                    labels=["reason"])
         for reason in AUTH_FAILURES:
