@@ -103,6 +103,7 @@ from billing.payment import VoucherProvider
 from billing.rating import RATES_CHANGED_CHANNEL, Rating
 from billing.settings import BillingSettings
 from sipcore.errors import SipParseError
+from sipcore.pglisten import relisten
 from sipcore.pipeline import RequestContext, Stage, Target
 from sipcore.proxy import CallAnswered, CallFailed, Dialog, DialogConfirmed, DialogTerminated
 from sipcore.subscribers import MISS, Miss
@@ -279,17 +280,11 @@ class BillingService:
             self._spawn(self._relisten())
 
     async def _relisten(self) -> None:
-        delay = 0.5
-        while not self._stopping:
-            try:
-                await self._listen_for_changes()
-                await self.rating.reload(self.pool)
-                log.info("event=billing_listen_restored")
-                return
-            except Exception as exc:
-                log.warning("event=billing_relisten_failed error=%r retry_in=%.1f", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+        async def attempt() -> None:
+            await self._listen_for_changes()
+            await self.rating.reload(self.pool)
+
+        await relisten(attempt, lambda: self._stopping, "billing")
 
     def _rates_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         log.info("event=rates_changed table=%s", payload)

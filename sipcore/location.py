@@ -84,6 +84,7 @@ import asyncpg
 
 from sipcore.errors import SipParseError
 from sipcore.headers import split_values
+from sipcore.pglisten import listen_on, relisten
 from sipcore.pipeline import EventBus
 from sipcore.transport_types import Peer
 from sipcore.uri import SipUri, TelUri, parse_uri
@@ -945,14 +946,8 @@ class LocationService:
     # ------------------------------------------------------------------------- other nodes
     async def listen(self) -> None:
         """LISTEN on ``location_changed`` so changes made by other nodes/workers show here."""
-        conn = await self.pool.acquire()
-        try:
-            await conn.add_listener(self.CHANNEL, self._on_notify)
-            conn.add_termination_listener(self._on_listen_lost)
-        except BaseException:
-            await self.pool.release(conn)
-            raise
-        self._listen_conn = conn
+        self._listen_conn = await listen_on(self.pool, self.CHANNEL, self._on_notify,
+                                            self._on_listen_lost)
 
     def _on_notify(self, _conn: object, pid: int, _channel: str, payload: object) -> None:
         if pid in self._own_pids or self._closed:
@@ -1073,16 +1068,12 @@ class LocationService:
 
     async def _relisten(self) -> None:
         """Listen again and reload everything: notifications sent meanwhile were lost."""
-        delay = 0.5
-        while not self._closed:
-            try:
-                await self.listen()
-                await self.resync()
-                return
-            except Exception as exc:
-                log.error("event=location_relisten_failed error=%r retry_in=%.1f", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+
+        async def attempt() -> None:
+            await self.listen()
+            await self.resync()
+
+        await relisten(attempt, lambda: self._closed, "location")
 
     async def resync(self) -> None:
         """Reload every binding from the database (after a lost LISTEN connection)."""

@@ -39,6 +39,8 @@ import asyncpg
 from asyncpg import Record
 from asyncpg.pool import PoolConnectionProxy
 
+from sipcore.pglisten import listen_on, relisten
+
 __all__ = ["MISS", "Miss", "Subscriber", "SubscriberError", "SubscriberExists", "SubscriberStore",
            "derive_secrets"]
 
@@ -175,7 +177,7 @@ class SubscriberStore:
         self._generation = 0
         self._lost = False  # the listening connection is gone: store nothing new
         self._closed = False
-        self._relisten_task: asyncio.Task[None] | None = None
+        self._relisten_task: asyncio.Task[bool] | None = None
         self.stats: dict[str, int] = {"listen_lost": 0}
 
     def _cache_put(self, username: str, domain: str, sub: Subscriber | None) -> None:
@@ -330,14 +332,8 @@ class SubscriberStore:
     async def listen(self) -> None:
         """Drop cache entries when another node changes a subscriber (LISTEN/NOTIFY); if the
         connection is lost, listen again and then empty the cache (see the module docstring)."""
-        conn = await self.pool.acquire()
-        try:
-            await conn.add_listener(self.CHANNEL, self._on_notify)
-            conn.add_termination_listener(self._on_listen_lost)
-        except BaseException:
-            await self.pool.release(conn)
-            raise
-        self._listen_conn = conn
+        self._listen_conn = await listen_on(self.pool, self.CHANNEL, self._on_notify,
+                                            self._on_listen_lost)
         if self._lost:
             # Whatever changed while nobody listened is unknown: start from the database.
             self._generation += 1
@@ -353,18 +349,8 @@ class SubscriberStore:
         self._lost = True
         self._generation += 1
         if self._relisten_task is None or self._relisten_task.done():
-            self._relisten_task = asyncio.get_running_loop().create_task(self._relisten())
-
-    async def _relisten(self) -> None:
-        delay = 0.5
-        while not self._closed:
-            try:
-                await self.listen()
-                return
-            except Exception as exc:
-                log.error("event=subscribers_relisten_failed error=%r retry_in=%.1f", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+            self._relisten_task = asyncio.get_running_loop().create_task(
+                relisten(self.listen, lambda: self._closed, "subscribers"))
 
     async def close(self) -> None:
         self._closed = True
