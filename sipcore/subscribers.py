@@ -11,11 +11,11 @@ learn of changes by ``NOTIFY subscribers_changed`` (see :meth:`SubscriberStore.l
 cache is only as good as that channel.  When the listening connection is lost, notifications
 sent meanwhile are lost with it: the cache goes on answering from what it holds (in a database
 outage the phones it knows keep authenticating, and nobody can change a subscriber then
-either) but stores nothing new, and it is emptied as soon as a new connection listens, so a
-password changed, or a subscriber removed, while the notifications were lost does not keep its
-old secrets for longer than the reconnection takes.  A read that a notification overtook is
-not stored either (a generation count), so a change committed while the read was on its way is
-not shadowed by the row from before it.
+either) but stores nothing new, and every entry is read again from the database as soon as a
+new connection listens, so a password changed, or a subscriber removed, while the notifications
+were lost does not keep its old secrets for longer than the reconnection takes.  A read that
+a notification overtook is not stored either (a generation count), so a change committed while
+the read was on its way is not shadowed by the row from before it.
 
 The cache holds an entry per registered phone, and memory per phone is a target of its own
 (issue 3): the three secrets are one ``bytes`` of raw digests (64 bytes, 112 with the object,
@@ -325,20 +325,45 @@ class SubscriberStore:
 
     @property
     def listening(self) -> bool:
-        """A connection listens for other nodes' changes (False before :meth:`listen` and
-        while a lost connection is being replaced)."""
-        return self._listen_conn is not None
+        """A connection listens for other nodes' changes and the cache is current (False
+        before :meth:`listen`, and after a lost connection until a new one listens and the
+        cache has been read again)."""
+        return self._listen_conn is not None and not self._lost
 
     async def listen(self) -> None:
         """Drop cache entries when another node changes a subscriber (LISTEN/NOTIFY); if the
-        connection is lost, listen again and then empty the cache (see the module docstring)."""
+        connection is lost, listen again and then re-read the cache (see the module
+        docstring)."""
         self._listen_conn = await listen_on(self.pool, self.CHANNEL, self._on_notify,
                                             self._on_listen_lost)
-        if self._lost:
-            # Whatever changed while nobody listened is unknown: start from the database.
-            self._generation += 1
-            self._cache_clear()
-            self._lost = False
+
+    async def _restore(self) -> None:
+        """After a lost connection: listen again, then re-read every cached entry, since
+        whatever changed while nobody listened is unknown.  Raises (and changes nothing)
+        while the database cannot be reached, so a cache emptied by a connection that only
+        seemed to work does not leave known phones unable to authenticate."""
+        if self._listen_conn is None:
+            await self.listen()
+        generation = self._generation
+        keys = [(username, domain) for domain, users in self._cache.items() for username in users]
+        rows: dict[tuple[str, str], Record] = {}
+        if keys:
+            async with self.pool.acquire() as conn:
+                found = await conn.fetch(
+                    "SELECT username, domain, ha1_md5, ha1_sha256, password_md5 FROM subscribers"
+                    " WHERE (username, domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    [k[0] for k in keys], [k[1] for k in keys])
+            rows = {(r[0], r[1]): r for r in found}
+        if self._listen_conn is None:
+            raise ConnectionError("the listening connection was lost again")
+        if generation != self._generation:
+            self._cache_clear()  # a change arrived meanwhile: the rows may predate it
+        else:
+            for username, domain in keys:
+                row = rows.get((username, domain))
+                self._cache[domain][username] = None if row is None else Subscriber.from_hex(
+                    username, domain, row[2], row[3], row[4])
+        self._lost = False
 
     def _on_listen_lost(self, _conn: object) -> None:
         if self._closed:
@@ -350,7 +375,7 @@ class SubscriberStore:
         self._generation += 1
         if self._relisten_task is None or self._relisten_task.done():
             self._relisten_task = asyncio.get_running_loop().create_task(
-                relisten(self.listen, lambda: self._closed, "subscribers"))
+                relisten(self._restore, lambda: self._closed, "subscribers"))
 
     async def close(self) -> None:
         self._closed = True

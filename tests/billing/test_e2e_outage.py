@@ -156,7 +156,7 @@ def test_database_outage(server: ServerProcess, relay: DbRelay, db_dsn: str,
         except TimeoutError:
             raise AssertionError("no answer:\n" + server.logs()[-6000:]) from None
         assert (refused.status, refused.final and refused.final.reason) == (
-            503, "Billing Unavailable")
+            503, "Billing Unavailable"), server.logs()[-6000:]
 
         # The call in progress keeps its timer: cut at 6 s with the database still away.
         call.wait_bye(15)

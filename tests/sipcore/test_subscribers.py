@@ -147,12 +147,16 @@ async def _eventually(condition: Callable[[], bool], what: str) -> None:
 
 class RefusingListen:
     """The real pool, except that a connection taken to LISTEN on (``await acquire()``)
-    fails while ``refuse`` is set; queries (``async with acquire()``) work."""
+    fails while ``refuse`` is set, and one taken for a query (``async with acquire()``)
+    while ``refuse_queries`` is."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, refuse: bool = True,
+                 refuse_queries: bool = False) -> None:
         self.pool = pool
-        self.refuse = True
+        self.refuse = refuse
         self.refused = 0
+        self.refuse_queries = refuse_queries
+        self.refused_queries = 0
 
     def acquire(self) -> object:
         outer = self
@@ -168,6 +172,9 @@ class RefusingListen:
                 return self.cm.__await__()
 
             async def __aenter__(self) -> object:
+                if outer.refuse_queries:
+                    outer.refused_queries += 1
+                    raise ConnectionRefusedError("database unreachable (test)")
                 return await self.cm.__aenter__()
 
             async def __aexit__(self, *exc: object) -> None:
@@ -179,7 +186,7 @@ class RefusingListen:
         await self.pool.release(conn)  # type: ignore[arg-type]
 
 
-async def test_a_lost_listen_connection_empties_the_cache_once_it_listens_again(
+async def test_a_lost_listen_connection_re_reads_the_cache_once_it_listens_again(
         db_pool: asyncpg.Pool, store: SubscriberStore) -> None:
     await store.add("1002", "example.com", "pw1")
     other = SubscriberStore(db_pool)
@@ -195,8 +202,8 @@ async def test_a_lost_listen_connection_empties_the_cache_once_it_listens_again(
                               "password_md5 = $3 WHERE username = '1002'", *new)
         cached = await other.get("1002", "example.com")
         assert cached is not None and cached.ha1_md5 != new[0]
-        # ... until the listening connection is lost and a new one listens: then nothing
-        # cached before is trusted.  (Until then, LISTEN is refused, so the gap lasts.)
+        # ... until the listening connection is lost and a new one listens: then every entry
+        # is read again.  (Until then, LISTEN is refused, so the gap lasts.)
         refusing = RefusingListen(db_pool)
         other.pool = refusing  # type: ignore[assignment]
         async with db_pool.acquire() as conn:
@@ -251,3 +258,29 @@ async def test_a_read_overtaken_by_a_change_is_not_stored(db_pool: asyncpg.Pool,
     fresh.pool = db_pool
     assert await fresh.get("1003", "example.com") is not None
     assert fresh.exists_cached("1003", "example.com")
+
+
+async def test_the_cache_keeps_answering_until_the_database_can_re_read_it(
+        db_pool: asyncpg.Pool, store: SubscriberStore) -> None:
+    # A database outage: the LISTEN connection dies, a new one seems to work (a pooled
+    # connection not yet known to be dead) but nothing can be read.  Known phones must go on
+    # authenticating from the cache meanwhile.
+    await store.add("1004", "example.com", "pw1")
+    other = SubscriberStore(db_pool)
+    await other.listen()
+    try:
+        cached = await other.get("1004", "example.com")
+        assert cached is not None
+        flaky = RefusingListen(db_pool, refuse=False, refuse_queries=True)
+        other.pool = flaky  # type: ignore[assignment]
+        async with db_pool.acquire() as conn:
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+        await _eventually(lambda: flaky.refused_queries > 0, "a failed re-read")
+        assert not other.listening
+        assert other.peek("1004", "example.com") == cached
+        flaky.refuse_queries = False  # the database is back
+        await _eventually(lambda: other.listening, "listening again")
+        assert other.peek("1004", "example.com") == cached
+    finally:
+        await other.close()
