@@ -19,9 +19,10 @@ balance (a change of which account a subscriber belongs to also names the subscr
 entry is forgotten too); the next read queries again. Three rules keep a stale figure from
 being served:
 
-* an entry is only stored while the LISTEN connection is up (the billing service's one
-  listening connection, which also hears rate changes); losing it empties the cache, and
-  reads go to the database until a new connection listens again;
+* an entry is only stored while the LISTEN connection is up (the process's one listening
+  connection, :class:`sipcore.pglisten.NotifyHub`, which also hears rate, location and
+  subscriber changes); losing it empties the cache, and reads go to the database until a new
+  connection listens again;
 * a query that was in flight when *any* notification arrived is used but not stored (the
   change may have committed between its snapshot and the notification);
 * a notification is delivered after its transaction commits, so a read after the commit of a
@@ -39,19 +40,15 @@ over (cheaper than an LRU on the hot path, and a refill is one query per phone).
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal, TypeAlias
-
-import asyncpg
-from asyncpg.pool import PoolConnectionProxy
+from typing import Any, Final, Literal
 
 from billing.ledger import DisplayBalance, Ledger
+from sipcore.pglisten import NotifyHub, Subscription
 from sipcore.subscribers import MISS, Miss
 
 CHANNEL: Final = "billing_account_changed"
 
 _ABSENT: Final[Any] = object()
-
-Listener: TypeAlias = "asyncpg.Connection[Any] | PoolConnectionProxy[Any]"
 
 
 class BalanceCache:
@@ -68,6 +65,8 @@ class BalanceCache:
         self._currencies: dict[str, str] = {}  # one string per currency
         self._generation = 0  # notifications seen; a read spanning one is not stored
         self._listening = False
+        self._hub: NotifyHub | None = None
+        self._subscription: Subscription | None = None
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, "invalidations": 0,
                                       "listen_lost": 0}
 
@@ -78,15 +77,24 @@ class BalanceCache:
     def __len__(self) -> int:
         return self._size
 
-    async def attach(self, conn: Listener) -> None:
-        """LISTEN on ``conn`` (the owner's listening connection; the owner calls
-        :meth:`connection_lost` when it is lost and attaches a new one)."""
-        await conn.add_listener(CHANNEL, self._on_notify)
+    async def attach(self, hub: NotifyHub) -> None:
+        """LISTEN on ``hub`` (the process's listening connection): when it is lost the cache
+        forgets everything and stores nothing (:meth:`connection_lost`) until a new one
+        listens."""
+        self._subscription = await hub.subscribe(CHANNEL, self._on_notify,
+                                                 lost=self.connection_lost,
+                                                 restore=self._listening_again)
+        self._hub = hub
         self._listening = True
 
-    async def detach(self, conn: Listener) -> None:
+    async def detach(self) -> None:
         self.connection_lost()
-        await conn.remove_listener(CHANNEL, self._on_notify)
+        hub, sub, self._hub, self._subscription = self._hub, self._subscription, None, None
+        if hub is not None and sub is not None:
+            await hub.unsubscribe(sub)
+
+    async def _listening_again(self) -> None:
+        self._listening = True
 
     def connection_lost(self) -> None:
         """Notifications may be lost from now on: forget everything, store nothing."""

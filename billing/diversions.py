@@ -29,7 +29,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final, Literal
 
-from billing.balances import CHANNEL, Listener
+from billing.balances import CHANNEL
+from sipcore.pglisten import NotifyHub, Subscription
 from sipcore.subscribers import MISS, Miss
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ class DiversionCache:
         self._accounts: dict[int, str | None] = {}  # account -> voicemail if locked ("": default)
         self._generation = 0
         self._listening = False
+        self._hub: NotifyHub | None = None
+        self._subscription: Subscription | None = None
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, "invalidations": 0}
 
     @property
@@ -66,13 +69,22 @@ class DiversionCache:
     def __len__(self) -> int:
         return self._size
 
-    async def attach(self, conn: Listener) -> None:
-        await conn.add_listener(CHANNEL, self._on_notify)
+    async def attach(self, hub: NotifyHub) -> None:
+        """LISTEN on ``hub``, as ``billing.balances.BalanceCache.attach`` does."""
+        self._subscription = await hub.subscribe(CHANNEL, self._on_notify,
+                                                 lost=self.connection_lost,
+                                                 restore=self._listening_again)
+        self._hub = hub
         self._listening = True
 
-    async def detach(self, conn: Listener) -> None:
+    async def detach(self) -> None:
         self.connection_lost()
-        await conn.remove_listener(CHANNEL, self._on_notify)
+        hub, sub, self._hub, self._subscription = self._hub, self._subscription, None, None
+        if hub is not None and sub is not None:
+            await hub.unsubscribe(sub)
+
+    async def _listening_again(self) -> None:
+        self._listening = True
 
     def connection_lost(self) -> None:
         """Notifications may be lost from now on: forget everything, store nothing."""

@@ -84,8 +84,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
-import asyncpg
-
 from billing.balances import BalanceCache
 from billing.credit import (
     CREDIT_EXHAUSTED,
@@ -103,7 +101,7 @@ from billing.payment import VoucherProvider
 from billing.rating import RATES_CHANGED_CHANNEL, Rating
 from billing.settings import BillingSettings
 from sipcore.errors import SipParseError
-from sipcore.pglisten import relisten
+from sipcore.pglisten import NotifyHub, Subscription
 from sipcore.pipeline import RequestContext, Stage, Target
 from sipcore.proxy import CallAnswered, CallFailed, Dialog, DialogConfirmed, DialogTerminated
 from sipcore.subscribers import MISS, Miss
@@ -111,7 +109,7 @@ from sipcore.transport_types import Peer
 from sipcore.uri import SipUri, TelUri, parse_uri
 
 if TYPE_CHECKING:
-    from billing.db import Connection, Pool
+    from billing.db import Pool
     from sipbill.app import AppContext
     from sipcore.location import LocationService
     from sipcore.proxy import LocalIdentity, ProxyCore
@@ -175,6 +173,7 @@ class BillingService:
         node_name: str,
         db_timeout: float = 5.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        hub: NotifyHub | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
@@ -200,7 +199,10 @@ class BillingService:
         self.revenue: dict[str, Decimal] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._maintenance: asyncio.Task[None] | None = None
-        self._listen_conn: Connection | None = None
+        #: The process's listening connection (made here if not given).
+        self.hub = hub
+        self._own_hub: NotifyHub | None = None
+        self._subscription: Subscription | None = None
         self._stopping = False
         self._answers: dict[str, datetime] = {}  # answered, not yet written
         self._answers_pending = asyncio.Event()
@@ -255,36 +257,20 @@ class BillingService:
         log.info("event=rates_seeded table=%s rates=%d file=%s", table, report.imported, path)
 
     async def _listen_for_changes(self) -> None:
-        """One connection LISTENs for rate changes (reload the rates) and account changes
-        (:class:`BalanceCache`); if it is lost, a new one listens and the rates are
-        reloaded, since notifications sent meanwhile are lost."""
-        conn = await self.pool.acquire()
-        try:
-            await conn.add_listener(RATES_CHANGED_CHANNEL, self._rates_changed)
-            await self.balances.attach(conn)
-            await self.diversions.attach(conn)
-            conn.add_termination_listener(self._listen_lost)
-        except BaseException:
-            self.balances.connection_lost()
-            self.diversions.connection_lost()
-            await self.pool.release(conn)
-            raise
-        self._listen_conn = conn
+        """LISTEN (on the process's shared connection) for rate changes (reload the rates)
+        and account changes (:class:`BalanceCache`, :class:`DiversionCache`); once a lost
+        connection is replaced, the rates are reloaded, since notifications sent meanwhile
+        are lost, and the caches, emptied when it was lost, fill again."""
+        hub = self.hub
+        if hub is None:
+            hub = self.hub = self._own_hub = NotifyHub(self.pool, "billing")
+        self._subscription = await hub.subscribe(RATES_CHANGED_CHANNEL, self._rates_changed,
+                                                 restore=self._reload_rates)
+        await self.balances.attach(hub)
+        await self.diversions.attach(hub)
 
-    def _listen_lost(self, _conn: object) -> None:
-        self.balances.connection_lost()
-        self.diversions.connection_lost()
-        self._listen_conn = None
-        if not self._stopping:
-            log.warning("event=billing_listen_lost")
-            self._spawn(self._relisten())
-
-    async def _relisten(self) -> None:
-        async def attempt() -> None:
-            await self._listen_for_changes()
-            await self.rating.reload(self.pool)
-
-        await relisten(attempt, lambda: self._stopping, "billing")
+    async def _reload_rates(self) -> None:
+        await self.rating.reload(self.pool)
 
     def _rates_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         log.info("event=rates_changed table=%s", payload)
@@ -316,17 +302,14 @@ class BillingService:
         for state in self.calls.values():
             if state.timer is not None:
                 state.timer.cancel()
-        self.balances.connection_lost()
-        self.diversions.connection_lost()
-        if self._listen_conn is not None:
-            conn, self._listen_conn = self._listen_conn, None
-            with contextlib.suppress(*DATABASE_UNREACHABLE, asyncpg.PostgresError):
-                conn.remove_termination_listener(self._listen_lost)
-                await self.diversions.detach(conn)
-                await self.balances.detach(conn)
-                await conn.remove_listener(RATES_CHANGED_CHANNEL, self._rates_changed)
-            with contextlib.suppress(*DATABASE_UNREACHABLE, asyncpg.PostgresError):
-                await self.pool.release(conn)
+        await self.diversions.detach()
+        await self.balances.detach()
+        hub, sub, self._subscription = self.hub, self._subscription, None
+        if hub is not None and sub is not None:
+            await hub.unsubscribe(sub)
+        own, self._own_hub = self._own_hub, None
+        if own is not None:
+            await own.close()
 
     def answered_call_ids(self) -> list[str]:
         """Billable calls in progress on this node (heartbeated by the maintenance task)."""
@@ -724,7 +707,8 @@ async def setup(ctx: AppContext) -> None:
     # The node name is per worker: each settles, and after a restart recovers, its own calls.
     service = BillingService(settings, ctx.pool, ctx.proxy, ctx.identity, ctx.location,
                              node_name=ctx.node_name,
-                             db_timeout=ctx.settings.database.command_timeout)
+                             db_timeout=ctx.settings.database.command_timeout,
+                             hub=ctx.notify)
     default_domain = ctx.settings.server.domains[0]
     seed = [(s.username, s.domain or default_domain) for s in ctx.settings.seed.subscribers]
     config_dir = Path(ctx.settings.source).parent if ctx.settings.source else None

@@ -46,6 +46,7 @@ from sipcore.digest import NonceIssuer
 from sipcore.gateways import Gateway, GatewayRouter
 from sipcore.latency import LatencyHistogram
 from sipcore.location import LocationService
+from sipcore.pglisten import NotifyHub
 from sipcore.pipeline import EventBus, Pipeline, Stage
 from sipcore.proxy import LocalIdentity, ProxyCore, ProxySettings
 from sipcore.registrar import LocationLookup, Registrar
@@ -84,6 +85,8 @@ class AppContext:
     http: web.Application
     location: LocationService
     methods: MethodRegistry
+    #: The process's one LISTEN connection, shared by every cache kept current by NOTIFY.
+    notify: NotifyHub
     started_at: float = field(default_factory=time.time)
     shutdown_hooks: list[ShutdownHook] = field(default_factory=list)
     services: dict[str, Any] = field(default_factory=dict)
@@ -133,7 +136,9 @@ class Application:
             domain = seed.domain or s.server.domains[0]
             if await subscribers.ensure(seed.username, domain, seed.password):
                 log.info("event=subscriber_seeded user=%s@%s", seed.username, domain)
-        await subscribers.listen()
+        # One LISTEN connection for every cache kept current by NOTIFY (sipcore/pglisten.py).
+        notify = NotifyHub(self.pool)
+        await subscribers.listen(notify)
 
         t = s.sip.timers
         layer = TransactionLayer(
@@ -183,7 +188,7 @@ class Application:
                           ProxySettings(record_route=s.proxy.record_route, timer_c=t.timer_c))
         location = LocationService(self.pool, events)
         restored = await location.load()
-        await location.listen()
+        await location.listen(notify)
         log.info("event=location_loaded bindings=%d", restored)
         nonces = NonceIssuer(auth_secret(s), ttl=s.auth.nonce_ttl, worker_id=self.worker_id)
         realm_of = realms_for_domains(s.server.domains, aliases)
@@ -201,7 +206,7 @@ class Application:
         http = web.Application()
         registry = MethodRegistry()
         self.ctx = AppContext(s, self.pool, stack, pipeline, events, proxy, identity,
-                              subscribers, http, location, registry)
+                              subscribers, http, location, registry, notify)
         self.ctx.services.update(auth=auth, nonces=nonces, db_latency=self.db_latency,
                                  gc_pacer=self.gc_pacer,
                                  worker_index=self.worker_id)
@@ -282,6 +287,7 @@ class Application:
             await ctx.stack.close()
             await ctx.events.drain()
             await ctx.subscribers.close()
+            await ctx.notify.close()
         if self.control is not None:
             await self.control.close()
         if self.http_runner is not None:

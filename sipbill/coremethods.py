@@ -43,6 +43,7 @@ def core_stats(ctx: AppContext) -> dict[str, Any]:
                      "bindings": ctx.location.binding_count, **ctx.location.stats},
         "subscribers": {"listening": int(ctx.subscribers.listening),
                         **ctx.subscribers.stats},
+        "notify": {"listening": int(ctx.notify.listening), **ctx.notify.stats},
         "pipeline_errors": ctx.pipeline.errors,
     }
     channel = ctx.services.get("workers")

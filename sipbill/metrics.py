@@ -214,13 +214,22 @@ class SipbillCollector(Collector):
                                   value=stats.get("ok", 0))
         subscribers = self.ctx.subscribers
         yield GaugeMetricFamily("sipbill_subscribers_listening",
-                                "Subscriber-cache LISTEN connections up (one per worker "
-                                "process; a lost one is being replaced, and meanwhile other "
-                                "nodes' changes are not heard).",
+                                "Subscriber caches hearing other nodes' changes (one per "
+                                "worker process; 0 from a lost LISTEN connection until a new "
+                                "one listens and the cache has been re-read).",
                                 value=int(subscribers.listening))
         yield CounterMetricFamily("sipbill_subscribers_listen_lost",
-                                  "Lost LISTEN connections of the subscriber cache.",
+                                  "Lost LISTEN connections seen by the subscriber cache.",
                                   value=subscribers.stats.get("listen_lost", 0))
+        notify = self.ctx.notify
+        yield GaugeMetricFamily("sipbill_notify_listening",
+                                "LISTEN connections up with every cache kept current by NOTIFY "
+                                "(location, subscribers, rates, balances, diversions) re-read "
+                                "since the last loss (one connection per worker process).",
+                                value=int(notify.listening))
+        yield CounterMetricFamily("sipbill_notify_lost",
+                                  "Lost LISTEN connections (each is replaced, with backoff).",
+                                  value=notify.stats["lost"])
         fail = CounterMetricFamily("sipbill_auth_failures", "Authentication failures by reason.",
                                    labels=["reason"])
         for reason in AUTH_FAILURES:

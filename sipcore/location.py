@@ -60,7 +60,8 @@ contact, one from a new source, a removal) carries the bindings it wrote and the
 removed (JSON): both are applied without a query.  Only expiry, ``Contact: *``/administrative
 removal and a change too large for a notification are reloaded.
 Notifications from our own flushes are recognised by the backend pid and skipped.
-If the listening connection is lost, a new one is opened and everything is reloaded.
+The listening connection is the process's one :class:`sipcore.pglisten.NotifyHub`, shared
+with the other caches; if it is lost, a new one is opened and everything is reloaded.
 
 Events are emitted by the node that made the change: the registrar emits the events of its
 REGISTER after it has answered (:meth:`BindingChange.events`), this service emits those of
@@ -71,7 +72,6 @@ an AoR has emits only :class:`ContactsReloaded` (for per-node state such as pres
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import json
 import logging
@@ -84,7 +84,7 @@ import asyncpg
 
 from sipcore.errors import SipParseError
 from sipcore.headers import split_values
-from sipcore.pglisten import listen_on, relisten
+from sipcore.pglisten import NotifyHub, Subscription
 from sipcore.pipeline import EventBus
 from sipcore.transport_types import Peer
 from sipcore.uri import SipUri, TelUri, parse_uri
@@ -455,7 +455,9 @@ class LocationService:
         self._flush_handle: asyncio.Handle | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._own_pids: set[int] = set()
-        self._listen_conn: Any = None
+        self._hub: NotifyHub | None = None  # listening for other nodes' changes
+        self._own_hub: NotifyHub | None = None  # made by listen() when given none
+        self._subscription: Subscription | None = None
         self._reloads: dict[str, bool] = {}  # aor -> reload again when the current one ends
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shared: dict[str, str] = {}
@@ -944,10 +946,21 @@ class LocationService:
         self._arm_expiry()
 
     # ------------------------------------------------------------------------- other nodes
-    async def listen(self) -> None:
-        """LISTEN on ``location_changed`` so changes made by other nodes/workers show here."""
-        self._listen_conn = await listen_on(self.pool, self.CHANNEL, self._on_notify,
-                                            self._on_listen_lost)
+    async def listen(self, hub: NotifyHub | None = None) -> None:
+        """LISTEN on ``location_changed`` (on ``hub``, the process's shared listening
+        connection, or one of the service's own) so changes made by other nodes/workers show
+        here; after a lost connection, everything is reloaded once a new one listens."""
+        if hub is None:
+            hub = self._own_hub = NotifyHub(self.pool, "location")
+        self._subscription = await hub.subscribe(self.CHANNEL, self._on_notify,
+                                                 restore=self.resync)
+        self._hub = hub
+
+    @property
+    def listening(self) -> bool:
+        """Other nodes' changes reach this one (False before :meth:`listen` and from a lost
+        connection until a new one listens and everything has been reloaded)."""
+        return self._subscription is not None and self._subscription.current
 
     def _on_notify(self, _conn: object, pid: int, _channel: str, payload: object) -> None:
         if pid in self._own_pids or self._closed:
@@ -1059,22 +1072,6 @@ class LocationService:
         finally:
             self._reloads.pop(aor, None)
 
-    def _on_listen_lost(self, _conn: object) -> None:
-        if self._closed:
-            return
-        log.warning("event=location_listen_lost")
-        self._listen_conn = None
-        self._spawn(self._relisten())
-
-    async def _relisten(self) -> None:
-        """Listen again and reload everything: notifications sent meanwhile were lost."""
-
-        async def attempt() -> None:
-            await self.listen()
-            await self.resync()
-
-        await relisten(attempt, lambda: self._closed, "location")
-
     async def resync(self) -> None:
         """Reload every binding from the database (after a lost LISTEN connection)."""
         async with asyncio.timeout(max(self.write_timeout, 30.0)), self.pool.acquire() as conn:
@@ -1104,13 +1101,13 @@ class LocationService:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks))
-        conn, self._listen_conn = self._listen_conn, None
-        if conn is not None:
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                conn.remove_termination_listener(self._on_listen_lost)
-                await conn.remove_listener(self.CHANNEL, self._on_notify)
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                await self.pool.release(conn)
+        hub, self._hub = self._hub, None
+        if hub is not None and self._subscription is not None:
+            await hub.unsubscribe(self._subscription)
+        self._subscription = None
+        own, self._own_hub = self._own_hub, None
+        if own is not None:
+            await own.close()
 
 
 #: json.dumps with separators builds a new encoder per call.

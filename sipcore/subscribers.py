@@ -25,8 +25,6 @@ subscriber) and a cached subscriber's ``username`` and ``domain`` are the cache'
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import enum
 import hashlib
 import logging
@@ -37,9 +35,8 @@ from typing import Any, Final, Literal
 
 import asyncpg
 from asyncpg import Record
-from asyncpg.pool import PoolConnectionProxy
 
-from sipcore.pglisten import listen_on, relisten
+from sipcore.pglisten import NotifyHub, Subscription
 
 __all__ = ["MISS", "Miss", "Subscriber", "SubscriberError", "SubscriberExists", "SubscriberStore",
            "derive_secrets"]
@@ -171,13 +168,14 @@ class SubscriberStore:
         self._cache: dict[str, dict[str, Subscriber | None]] = {}
         self._cached = 0
         self._domains: dict[str, str] = {}  # one string per domain
-        self._listen_conn: PoolConnectionProxy[Record] | None = None
+        self._hub: NotifyHub | None = None  # listening for other nodes' changes
+        self._own_hub: NotifyHub | None = None  # made by listen() when given none
+        self._subscription: Subscription | None = None
         # Bumped by every change seen (notification, own write, lost channel): a read that
         # started under an older generation is not stored.
         self._generation = 0
         self._lost = False  # the listening connection is gone: store nothing new
         self._closed = False
-        self._relisten_task: asyncio.Task[bool] | None = None
         self.stats: dict[str, int] = {"listen_lost": 0}
 
     def _cache_put(self, username: str, domain: str, sub: Subscriber | None) -> None:
@@ -328,22 +326,25 @@ class SubscriberStore:
         """A connection listens for other nodes' changes and the cache is current (False
         before :meth:`listen`, and after a lost connection until a new one listens and the
         cache has been read again)."""
-        return self._listen_conn is not None and not self._lost
+        return self._hub is not None and self._hub.connected and not self._lost
 
-    async def listen(self) -> None:
-        """Drop cache entries when another node changes a subscriber (LISTEN/NOTIFY); if the
-        connection is lost, listen again and then re-read the cache (see the module
+    async def listen(self, hub: NotifyHub | None = None) -> None:
+        """Drop cache entries when another node changes a subscriber (LISTEN/NOTIFY on
+        ``hub``, the process's shared listening connection, or one of the store's own); if
+        the connection is lost, listen again and then re-read the cache (see the module
         docstring)."""
-        self._listen_conn = await listen_on(self.pool, self.CHANNEL, self._on_notify,
-                                            self._on_listen_lost)
+        if hub is None:
+            hub = self._own_hub = NotifyHub(self.pool, "subscribers")
+        self._subscription = await hub.subscribe(self.CHANNEL, self._on_notify,
+                                                 lost=self._on_listen_lost,
+                                                 restore=self._restore)
+        self._hub = hub
 
     async def _restore(self) -> None:
-        """After a lost connection: listen again, then re-read every cached entry, since
+        """After a lost connection, once a new one listens: re-read every cached entry, since
         whatever changed while nobody listened is unknown.  Raises (and changes nothing)
         while the database cannot be reached, so a cache emptied by a connection that only
         seemed to work does not leave known phones unable to authenticate."""
-        if self._listen_conn is None:
-            await self.listen()
         generation = self._generation
         keys = [(username, domain) for domain, users in self._cache.items() for username in users]
         rows: dict[tuple[str, str], Record] = {}
@@ -354,7 +355,7 @@ class SubscriberStore:
                     " WHERE (username, domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
                     [k[0] for k in keys], [k[1] for k in keys])
             rows = {(r[0], r[1]): r for r in found}
-        if self._listen_conn is None:
+        if self._hub is None or not self._hub.connected:
             raise ConnectionError("the listening connection was lost again")
         if generation != self._generation:
             self._cache_clear()  # a change arrived meanwhile: the rows may predate it
@@ -365,29 +366,19 @@ class SubscriberStore:
                     username, domain, row[2], row[3], row[4])
         self._lost = False
 
-    def _on_listen_lost(self, _conn: object) -> None:
+    def _on_listen_lost(self) -> None:
         if self._closed:
             return
-        log.warning("event=subscribers_listen_lost")
         self.stats["listen_lost"] += 1
-        self._listen_conn = None
         self._lost = True
         self._generation += 1
-        if self._relisten_task is None or self._relisten_task.done():
-            self._relisten_task = asyncio.get_running_loop().create_task(
-                relisten(self._restore, lambda: self._closed, "subscribers"))
 
     async def close(self) -> None:
         self._closed = True
-        task, self._relisten_task = self._relisten_task, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._listen_conn is not None:
-            conn, self._listen_conn = self._listen_conn, None
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                conn.remove_termination_listener(self._on_listen_lost)
-                await conn.remove_listener(self.CHANNEL, self._on_notify)
-            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-                await self.pool.release(conn)
+        hub, self._hub = self._hub, None
+        if hub is not None and self._subscription is not None:
+            await hub.unsubscribe(self._subscription)
+        self._subscription = None
+        own, self._own_hub = self._own_hub, None
+        if own is not None:
+            await own.close()

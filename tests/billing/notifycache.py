@@ -10,14 +10,15 @@ from typing import Any, Protocol
 import asyncpg
 
 from billing.balances import CHANNEL
+from sipcore.pglisten import NotifyHub
 
 
 class NotifiedCache(Protocol):
     stats: Any
 
-    async def attach(self, conn: Any) -> None: ...
+    async def attach(self, hub: NotifyHub) -> None: ...
 
-    async def detach(self, conn: Any) -> None: ...
+    async def detach(self) -> None: ...
 
     def connection_lost(self) -> None: ...
 
@@ -43,13 +44,13 @@ async def quiet(cache: NotifiedCache, db_pool: asyncpg.Pool) -> None:
 
 
 @contextlib.asynccontextmanager
-async def listening(cache: NotifiedCache, db_pool: asyncpg.Pool) -> AsyncIterator[None]:
-    """What the billing service does: one connection LISTENs; when it dies, the cache is told."""
-    async with db_pool.acquire() as conn:
-        conn.add_termination_listener(lambda _conn: cache.connection_lost())
-        await cache.attach(conn)
-        try:
-            yield
-        finally:
-            with contextlib.suppress(asyncpg.InterfaceError, asyncpg.PostgresError, OSError):
-                await cache.detach(conn)
+async def listening(cache: NotifiedCache, db_pool: asyncpg.Pool) -> AsyncIterator[NotifyHub]:
+    """What the billing service does: the cache LISTENs on the process's notification hub,
+    which tells it when the connection is lost and when a new one listens."""
+    hub = NotifyHub(db_pool, "test")
+    await cache.attach(hub)
+    try:
+        yield hub
+    finally:
+        await cache.detach()
+        await hub.close()

@@ -85,18 +85,14 @@ async def test_balance_changes_keep_the_entry_and_moves_drop_it(
     assert await cache.lookup("3002", DOMAIN) is None
     # Every charge and reservation notifies the account: that is not a reason to ask again.
     balances = BalanceCache(ledger)
-    async with db_pool.acquire() as conn:
-        await balances.attach(conn)
-        try:
-            await ledger.topup(account_id, Decimal("1.00"))
-            await eventually(lambda: balances.stats["invalidations"] > 0, "the notification")
-            # The balance cache reads the routing payload as a change of the account too.
-            seen = balances.stats["invalidations"]
-            await ledger.lock(account_id, "manual")
-            await eventually(lambda: balances.stats["invalidations"] > seen, "routing")
-            await ledger.unlock(account_id)
-        finally:
-            await balances.detach(conn)
+    async with listening(balances, db_pool):
+        await ledger.topup(account_id, Decimal("1.00"))
+        await eventually(lambda: balances.stats["invalidations"] > 0, "the notification")
+        # The balance cache reads the routing payload as a change of the account too.
+        seen = balances.stats["invalidations"]
+        await ledger.lock(account_id, "manual")
+        await eventually(lambda: balances.stats["invalidations"] > seen, "routing")
+        await ledger.unlock(account_id)
     await eventually(lambda: cache.stats["invalidations"] >= 2, "lock and unlock")
     assert await cache.lookup("3002", DOMAIN) is None
 

@@ -185,10 +185,11 @@ def test_database_outage(server: ServerProcess, relay: DbRelay, db_dsn: str,
     assert cdr is not None and (cdr["status"], cdr["caller_username"], cdr["callee"]) == (
         "busy", caller, "2002@localhost")
 
-    # The connection listening for account changes died with the relay: a new one listens,
-    # and the balance a phone is shown follows a change made after the outage.
-    wait_until(lambda: "event=billing_listen_restored" in server.logs(), 20,
-               "billing to listen again")
+    # The connection listening for account changes (and every other cache's) died with the
+    # relay: a new one listens, and the balance a phone is shown follows a change made after
+    # the outage.
+    wait_until(lambda: "event=notify_listen_restored" in server.logs(), 20,
+               "the caches to listen again")
     with RawUA(server.port, other, password(other)) as ua2:
         assert ua2.register().header("Balance-amount") == "10.00"
         set_balance(db_dsn, other, "7.00")

@@ -70,6 +70,7 @@ def test_core_methods_and_errors(server: ServerProcess) -> None:
         stats = client.call("stats")
         assert stats["transport"]["udp_datagrams_in"] >= 0 and "proxy" in stats
         assert stats["subscribers"] == {"listening": 1, "listen_lost": 0}
+        assert stats["notify"] == {"listening": 1, "lost": 0, "restored": 0}
 
 
 def test_ul_dump_shows_a_pjsua2_binding(server: ServerProcess, agents: UserAgents) -> None:

@@ -85,6 +85,8 @@ def test_metrics_move_with_sipp_traffic(server: ServerProcess) -> None:
     assert value(after, "sipbill_db_query_duration_seconds_count", kind="SELECT") >= 1
     assert value(after, "sipbill_subscribers_listening") == 1
     assert value(after, "sipbill_subscribers_listen_lost_total") == 0
+    assert value(after, "sipbill_notify_listening") == 1
+    assert value(after, "sipbill_notify_lost_total") == 0
     # The garbage collector's pauses (the pacer collects the young generation every 0.1 s).
     gc_young = "sipbill_gc_pause_seconds_count"
     assert value(after, gc_young, generation="0") > value(before, gc_young, generation="0")

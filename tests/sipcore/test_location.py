@@ -23,6 +23,7 @@ from sipcore.location import (
     _Op,
     aor_of,
 )
+from sipcore.pglisten import NotifyHub
 from sipcore.pipeline import EventBus
 from sipcore.transport_types import Peer
 from sipcore.uri import parse_uri
@@ -490,6 +491,66 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
     finally:
         await node_a.close()
         await node_b.close()
+        await pool_a.close()
+        await pool_b.close()
+
+
+async def test_changes_missed_while_not_listening_are_reloaded(db_dsn: str, clean: None) -> None:
+    # Node b's listening connection dies and cannot be replaced for a while (the database
+    # refuses it); node a registers and removes contacts meanwhile, whose notifications b
+    # never gets.  Once b listens again it reloads everything and agrees with a.
+    pool_a = await asyncpg.create_pool(db_dsn, min_size=1, max_size=3)
+    pool_b = await asyncpg.create_pool(db_dsn, min_size=1, max_size=3)
+    assert pool_a is not None and pool_b is not None
+
+    class Gate:
+        refuse = False
+        refused = 0
+
+        def acquire(self) -> object:
+            if self.refuse:
+                self.refused += 1
+                raise ConnectionRefusedError("LISTEN refused (test)")
+            return pool_b.acquire()  # type: ignore[union-attr]
+
+        async def release(self, conn: object) -> None:
+            await pool_b.release(conn)  # type: ignore[union-attr, arg-type]
+
+    gate = Gate()
+    hub_b = NotifyHub(gate, "node_b")  # type: ignore[arg-type]
+    node_a, node_b = LocationService(pool_a, EventBus()), LocationService(pool_b, EventBus())
+    try:
+        stays, goes, comes = ("sip:stay@example.com", "sip:go@example.com",
+                              "sip:come@example.com")
+        await node_a.update(stays, add(binding(stays, "sip:s@1")))
+        await node_a.update(goes, add(binding(goes, "sip:g@1")))
+        await node_b.load()
+        await node_a.listen()
+        await node_b.listen(hub_b)
+        assert node_b.listening and len(node_b.lookup(goes)) == 1
+        gate.refuse = True
+        async with pool_a.acquire() as conn:
+            await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
+        await _until(lambda: gate.refused > 0)
+        assert not node_b.listening
+        await node_a.update(goes, lambda cur: BindingChange((), removed=cur, remove_all=True))
+        await node_a.update(comes, add(binding(comes, "sip:c@1")))
+        await asyncio.sleep(0.1)
+        assert len(node_b.lookup(goes)) == 1 and not node_b.lookup(comes)  # not heard
+        gate.refuse = False  # it retries by itself
+        await _until(lambda: node_b.listening, timeout=10.0)
+        assert node_b.stats["resyncs"] == 1
+        assert not node_b.lookup(goes)
+        assert [b.contact for b in node_b.lookup(comes)] == ["sip:c@1"]
+        assert [b.contact for b in node_b.lookup(stays)] == ["sip:s@1"]
+        # And the new connection hears what happens next.
+        await node_a.update(stays, lambda cur: BindingChange((), removed=cur, remove_all=True))
+        await _until(lambda: not node_b.lookup(stays))
+    finally:
+        await node_a.close()
+        await node_b.close()
+        await hub_b.close()
         await pool_a.close()
         await pool_b.close()
 

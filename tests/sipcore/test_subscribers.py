@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from sipcore.digest import ha1
+from sipcore.pglisten import NotifyHub
 from sipcore.subscribers import (
     Subscriber,
     SubscriberError,
@@ -190,7 +191,9 @@ async def test_a_lost_listen_connection_re_reads_the_cache_once_it_listens_again
         db_pool: asyncpg.Pool, store: SubscriberStore) -> None:
     await store.add("1002", "example.com", "pw1")
     other = SubscriberStore(db_pool)
-    await other.listen()
+    gate = RefusingListen(db_pool, refuse=False)
+    hub = NotifyHub(gate)  # type: ignore[arg-type]
+    await other.listen(hub)
     try:
         assert other.listening
         assert await other.get("1002", "example.com") is not None
@@ -204,20 +207,19 @@ async def test_a_lost_listen_connection_re_reads_the_cache_once_it_listens_again
         assert cached is not None and cached.ha1_md5 != new[0]
         # ... until the listening connection is lost and a new one listens: then every entry
         # is read again.  (Until then, LISTEN is refused, so the gap lasts.)
-        refusing = RefusingListen(db_pool)
-        other.pool = refusing  # type: ignore[assignment]
+        gate.refuse = True
         async with db_pool.acquire() as conn:
             await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
         await _eventually(lambda: other.stats["listen_lost"] == 1, "the lost connection")
-        await _eventually(lambda: refusing.refused > 0, "a refused LISTEN")
+        await _eventually(lambda: gate.refused > 0, "a refused LISTEN")
         assert not other.listening
         # Meanwhile (in a database outage, say) what is cached still answers; nothing new is
         # stored.
         assert await other.get("1002", "example.com") == cached
         assert await other.get("1003", "example.com") is None
         assert other.exists_cached("1003", "example.com") is None
-        refusing.refuse = False  # it retries by itself
+        gate.refuse = False  # it retries by itself
         await _eventually(lambda: other.listening, "listening again")
         sub = await other.get("1002", "example.com")
         assert sub is not None and sub.ha1_md5 == new[0]
@@ -227,6 +229,7 @@ async def test_a_lost_listen_connection_re_reads_the_cache_once_it_listens_again
                           "the notification on the new connection")
     finally:
         await other.close()
+        await hub.close()
     assert not other.listening
 
 
