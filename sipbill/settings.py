@@ -196,7 +196,10 @@ class DatabaseSettings:
         problems = []
         if self.url and not self.url.startswith(("postgres://", "postgresql://")):
             problems.append(("url", "must be a postgresql:// URL"))
-        if not 1 <= self.pool_min <= self.pool_max:
+        if self.pool_max < 2:
+            problems.append(("pool_max", "must be at least 2: one connection of the pool "
+                             "listens for changes (NOTIFY), the others run queries"))
+        elif not 1 <= self.pool_min <= self.pool_max:
             problems.append(("pool_min", "must be between 1 and pool_max"))
         return problems
 

@@ -67,6 +67,8 @@ def test_example_and_demo_load() -> None:
         ({"sip": {"limits": {"max_message_size": "big"}}}, "sip.limits.max_message_size",
          "integer"),
         ({"database": {"url": "mysql://x"}}, "database.url", "postgresql"),
+        ({"database": {"pool_min": 1, "pool_max": 1}}, "database.pool_max", "listens"),
+        ({"database": {"pool_min": 3, "pool_max": 2}}, "database.pool_min", "pool_max"),
         ({"http": {"listen": "nowhere"}}, "http.listen", "HOST:PORT"),
         ({"proxy": {"gateways": [{"name": "g", "host": "127.0.0.1", "prefixes": ["4x"]}]}},
          "proxy.gateways[0].prefixes[0]", "digits"),
