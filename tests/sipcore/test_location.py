@@ -562,6 +562,20 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def test_a_refresh_changes_no_indexed_column(db_pool: asyncpg.Pool) -> None:
+    # A registration refresh (the most frequent write) rewrites expires_at, cseq, received_at
+    # and the source: as long as no index covers those, PostgreSQL updates the row in place
+    # (HOT), with no new index entries and no dead tuple left for autovacuum.
+    indexed = await db_pool.fetch(
+        "SELECT i.indexrelid::regclass::text AS name, a.attname FROM pg_index i"
+        " JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)"
+        " WHERE i.indrelid = 'location'::regclass")
+    assert {r["attname"] for r in indexed} == {"aor", "contact"}, indexed
+    options = await db_pool.fetchval(
+        "SELECT reloptions FROM pg_class WHERE oid = 'location'::regclass")
+    assert "fillfactor=75" in options  # room on each page for the row's next version
+
+
 async def test_a_change_too_big_for_a_notification_names_only_the_aor(
         location: LocationService) -> None:
     # PostgreSQL refuses NOTIFY payloads of 8,000 bytes or more: a change that big is sent
