@@ -25,6 +25,8 @@ subscriber) and a cached subscriber's ``username`` and ``domain`` are the cache'
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import enum
 import hashlib
 import logging
@@ -155,6 +157,7 @@ def _row(r: Any) -> Subscriber:
 
 #: Bound of the cache (entries, negative ones included) against a dictionary attack on names.
 _CACHE_MAX: Final = 200_000
+_READ_BATCH: Final = 500  # cache misses per query
 
 
 class SubscriberStore:
@@ -176,7 +179,14 @@ class SubscriberStore:
         self._generation = 0
         self._lost = False  # the listening connection is gone: store nothing new
         self._closed = False
-        self.stats: dict[str, int] = {"listen_lost": 0}
+        # Misses being read (get()): who waits for which key, and the keys of the next query.
+        self._reading: dict[tuple[str, str], asyncio.Future[Subscriber | None]] = {}
+        self._to_read: builtins.list[tuple[str, str]] = []
+        self._read_handle: asyncio.Handle | None = None
+        self._read_tasks: set[asyncio.Task[None]] = set()
+        #: listen_lost: lost LISTEN connections; reads: queries for cache misses; read_keys:
+        #: subscribers those queries asked for (several misses share a query).
+        self.stats: dict[str, int] = {"listen_lost": 0, "reads": 0, "read_keys": 0}
 
     def _cache_put(self, username: str, domain: str, sub: Subscriber | None) -> None:
         """Cache ``sub`` under the key strings, which it then shares (``domain`` lower case)."""
@@ -286,26 +296,70 @@ class SubscriberStore:
         return [_row(r) for r in rows]
 
     async def get(self, username: str, domain: str) -> Subscriber | None:
-        """The subscriber, from the cache when possible (negative answers are cached too)."""
+        """The subscriber, from the cache when possible (negative answers are cached too).
+
+        Misses are read together: every miss of one turn of the event loop (a registration
+        storm after an outage or a restart, when thousands of phones whose entries are not
+        cached answer their challenges at once) joins one query, and a second miss of a key
+        already being read waits for that read."""
         domain = domain.lower()
         users = self._cache.get(domain)
         if users is not None and username in users:
             return users[username]
+        key = (username, domain)
+        waiter = self._reading.get(key)
+        if waiter is None:
+            loop = asyncio.get_running_loop()
+            waiter = self._reading[key] = loop.create_future()
+            self._to_read.append(key)
+            if self._read_handle is None:
+                self._read_handle = loop.call_soon(self._start_read)
+        return await asyncio.shield(waiter)
+
+    def _start_read(self) -> None:
+        self._read_handle = None
+        keys, self._to_read = self._to_read, []
+        for start in range(0, len(keys), _READ_BATCH):
+            task = asyncio.get_running_loop().create_task(
+                self._read(keys[start:start + _READ_BATCH]))
+            self._read_tasks.add(task)
+            task.add_done_callback(self._read_tasks.discard)
+
+    async def _read(self, keys: builtins.list[tuple[str, str]]) -> None:
         generation = self._generation
-        async with self.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                "SELECT ha1_md5, ha1_sha256, password_md5 FROM subscribers "
-                "WHERE username = $1 AND domain = $2",
-                username,
-                domain,
-            )
-        domain = self._domains.get(domain, domain)
-        sub = None
-        if row is not None:
-            sub = Subscriber.from_hex(username, domain, row[0], row[1], row[2])
-        if generation == self._generation and not self._lost:
-            self._cache_put(username, domain, sub)
-        return sub
+        try:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT username, domain, ha1_md5, ha1_sha256, password_md5 FROM subscribers"
+                    " WHERE (username, domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                    [k[0] for k in keys], [k[1] for k in keys])
+        except BaseException as exc:
+            for key in keys:
+                waiter = self._reading.pop(key)
+                if waiter.done():
+                    continue
+                if isinstance(exc, Exception):
+                    waiter.set_exception(exc)
+                    waiter.exception()  # retrieved: a waiter that was cancelled never asks
+                else:
+                    waiter.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.stats["reads"] += 1
+        self.stats["read_keys"] += len(keys)
+        found = {(r[0], r[1]): r for r in rows}
+        store = generation == self._generation and not self._lost
+        for username, domain in keys:
+            row = found.get((username, domain))
+            domain_str = self._domains.get(domain, domain)
+            sub = None if row is None else Subscriber.from_hex(username, domain_str, row[2],
+                                                                 row[3], row[4])
+            if store:
+                self._cache_put(username, domain, sub)
+            waiter = self._reading.pop((username, domain))
+            if not waiter.done():
+                waiter.set_result(sub)
 
     def peek(self, username: str, domain: str) -> Subscriber | Literal[Miss.MISS] | None:
         """The cached subscriber (None: cached as unknown), else :data:`MISS`; no await, so
@@ -375,6 +429,12 @@ class SubscriberStore:
 
     async def close(self) -> None:
         self._closed = True
+        if self._read_handle is not None:
+            self._read_handle.cancel()
+            self._read_handle = None
+            self._start_read()  # misses already waiting still get their answer
+        if self._read_tasks:
+            await asyncio.wait(list(self._read_tasks))
         hub, self._hub = self._hub, None
         if hub is not None and self._subscription is not None:
             await hub.unsubscribe(self._subscription)

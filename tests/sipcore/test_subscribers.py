@@ -250,10 +250,10 @@ async def test_a_read_overtaken_by_a_change_is_not_stored(db_pool: asyncpg.Pool,
         def __init__(self, conn: object) -> None:
             self.conn = conn
 
-        async def fetchrow(self, *args: object) -> object:
-            row = await self.conn.fetchrow(*args)  # type: ignore[attr-defined]
+        async def fetch(self, *args: object) -> object:
+            rows = await self.conn.fetch(*args)  # type: ignore[attr-defined]
             fresh._on_notify(None, 0, SubscriberStore.CHANNEL, "1003@example.com")
-            return row
+            return rows
 
     fresh.pool = RacingPool()  # type: ignore[assignment]
     assert await fresh.get("1003", "example.com") is not None
@@ -261,6 +261,35 @@ async def test_a_read_overtaken_by_a_change_is_not_stored(db_pool: asyncpg.Pool,
     fresh.pool = db_pool
     assert await fresh.get("1003", "example.com") is not None
     assert fresh.exists_cached("1003", "example.com")
+
+
+async def test_misses_arriving_together_share_one_query(db_pool: asyncpg.Pool,
+                                                       store: SubscriberStore) -> None:
+    # A registration storm: many phones not cached answer their challenges at once.
+    for i in range(30):
+        await store.add(f"storm{i}", "example.com", f"pw{i}")
+    fresh = SubscriberStore(db_pool)
+    names = [f"storm{i}" for i in range(30)] + ["nobody", "storm3"]  # an unknown, a repeat
+    found = await asyncio.gather(*(fresh.get(n, "Example.COM") for n in names))
+    assert fresh.stats["reads"] == 1 and fresh.stats["read_keys"] == 31
+    for name, sub in zip(names, found, strict=True):
+        if name == "nobody":
+            assert sub is None
+        else:
+            assert sub is not None and sub.username == name and sub.domain == "example.com"
+            assert sub.ha1_md5 == derive_secrets(name, "example.com", f"pw{name[5:]}")[0]
+    # All of them are cached now, the unknown one as unknown.
+    assert fresh.exists_cached("storm7", "example.com") is True
+    assert fresh.exists_cached("nobody", "example.com") is False
+    assert await fresh.get("storm7", "example.com") == found[7]
+    assert fresh.stats["reads"] == 1
+    # A failed query fails every lookup that was waiting for it, and caches nothing.
+    fresh.pool = RefusingListen(db_pool, refuse=False, refuse_queries=True)  # type: ignore[assignment]
+    results = await asyncio.gather(fresh.get("x1", "example.com"), fresh.get("x2", "example.com"),
+                                   return_exceptions=True)
+    assert all(isinstance(r, ConnectionRefusedError) for r in results), results
+    assert fresh.exists_cached("x1", "example.com") is None
+    await fresh.close()
 
 
 async def test_the_cache_keeps_answering_until_the_database_can_re_read_it(
