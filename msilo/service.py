@@ -123,6 +123,8 @@ class Msilo:
         self._slots = asyncio.Semaphore(settings.delivery_concurrency)
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._again: dict[str, Destination] = {}  # a trigger came while the AoR's run ran
+        self._to_check: dict[str, Destination] = {}  # new bindings not yet looked up
+        self._checking = False  # a task will look them up
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
@@ -243,7 +245,31 @@ class Msilo:
 
     # ------------------------------------------------------------------ delivering
     def on_registered(self, event: ContactRegistered) -> None:
-        self.schedule(event.aor, Destination.of_binding(event.binding))
+        """A new binding: deliver what is stored for its AoR.  The new bindings of one turn of
+        the event loop (a flush commits many; a registration storm after an outage or a
+        restart brings thousands) are looked up with one query, and delivery runs (a claim,
+        an UPDATE, each) start only for the AoRs that have messages waiting."""
+        if self._closed:
+            return
+        self._to_check[event.aor] = Destination.of_binding(event.binding)
+        if not self._checking:
+            self._checking = True
+            self._spawn(self._check_registered())
+
+    async def _check_registered(self) -> None:
+        # A task's first step runs after the callbacks already queued: the bindings committed
+        # together are all in the batch by now.
+        batch, self._to_check = self._to_check, {}
+        self._checking = False
+        try:
+            waiting = await self.store.recipients_waiting(list(batch))
+        except _DB_ERRORS as exc:
+            # The periodic check (``retry_interval``) finds them once the database is back.
+            log.error("event=msilo_check_failed aors=%d error=%r", len(batch), exc)
+            return
+        self.stats["registration_checks"] += 1
+        for aor in waiting:
+            self.schedule(aor, batch[aor])
 
     def schedule(self, aor: str, dest: Destination) -> None:
         """Start a delivery run for ``aor`` to ``dest``, or queue one after the running one."""

@@ -28,6 +28,7 @@ A message goes through three states: *pending* (``delivered_at IS NULL``, no liv
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Final
@@ -154,6 +155,18 @@ class MessageStore:
         async with self.pool.acquire() as conn:
             row = await conn.fetchrow(_CLAIM_SQL, recipient, after_id, float(lease_seconds))
         return None if row is None else _message(row)
+
+    async def recipients_waiting(self, recipients: Sequence[str]) -> set[str]:
+        """Those of ``recipients`` with a message to deliver (one query per 1,000)."""
+        waiting: set[str] = set()
+        async with self.pool.acquire() as conn:
+            for start in range(0, len(recipients), 1000):
+                rows = await conn.fetch(
+                    "SELECT DISTINCT recipient FROM msilo_messages WHERE recipient = ANY($1)"
+                    " AND delivered_at IS NULL AND expires_at > now()",
+                    list(recipients[start:start + 1000]))
+                waiting.update(r[0] for r in rows)
+        return waiting
 
     async def mark_delivered(self, message_id: int, status: int) -> None:
         async with self.pool.acquire() as conn:

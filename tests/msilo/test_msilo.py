@@ -281,6 +281,29 @@ async def test_offline_message_is_stored_202_and_delivered_once_on_register(rig:
     assert await rig.msilo.store.count() == 0
 
 
+async def test_new_bindings_arriving_together_are_looked_up_with_one_query(
+        rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A registration storm: 40 phones register at once, one of which has a message waiting.
+    await rig.msilo.on_message(_offline_ctx(_message("bob", b"while you were away")))
+    claims: list[str] = []
+    claim_next = rig.msilo.store.claim_next
+
+    async def counting_claim(recipient: str, *args: Any) -> Any:
+        claims.append(recipient)
+        return await claim_next(recipient, *args)
+
+    monkeypatch.setattr(rig.msilo.store, "claim_next", counting_claim)
+    bindings = [await rig.bind(f"storm{i}") for i in range(39)] + [await rig.bind("bob")]
+    for b in bindings:
+        rig.msilo.on_registered(ContactRegistered(b.aor, b))
+    await rig.phone.wait_for(1)
+    await rig.msilo.idle()
+    assert rig.msilo.stats["registration_checks"] == 1
+    assert set(claims) == {f"sip:bob@{DOMAIN}"}  # no claim (an UPDATE) for the other 39
+    assert [r.body for r in rig.phone.requests] == [b"while you were away"]
+    assert await rig.msilo.store.count() == 0
+
+
 async def test_messages_go_in_order_and_a_failure_stops_the_run(rig: Rig) -> None:
     for n in range(3):
         ctx = _offline_ctx(_message("bob", f"m{n}".encode(), call_id=f"m{n}@alice"))
