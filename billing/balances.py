@@ -35,11 +35,13 @@ subscribers, and those phones refresh as often as the others): the notification 
 to ``account_subscribers`` names the subscriber as well, which drops that entry.
 
 The cache holds at most ``max_entries`` subscribers; beyond that it starts
-over (cheaper than an LRU on the hot path, and a refill is one query per phone).
+over (cheaper than an LRU on the hot path, and the misses of one event-loop turn are refilled
+with one query).
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Final, Literal
 
 from billing.ledger import DisplayBalance, Ledger
@@ -65,9 +67,14 @@ class BalanceCache:
         self._currencies: dict[str, str] = {}  # one string per currency
         self._generation = 0  # notifications seen; a read spanning one is not stored
         self._listening = False
+        # Misses being read: who waits for which key, the keys of the next query.
+        self._reading: dict[tuple[str, str], asyncio.Future[DisplayBalance | None]] = {}
+        self._to_read: list[tuple[str, str]] = []
+        self._read_pending = False
+        self._read_tasks: set[asyncio.Task[None]] = set()
         self._hub: NotifyHub | None = None
         self._subscription: Subscription | None = None
-        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "invalidations": 0,
+        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "reads": 0, "invalidations": 0,
                                       "listen_lost": 0}
 
     @property
@@ -122,31 +129,76 @@ class BalanceCache:
 
     async def display_balance(self, username: str, domain: str) -> DisplayBalance | None:
         """The subscriber's shown balance (None without an account). Database errors of a
-        miss propagate, as from :meth:`Ledger.display_balance`."""
+        miss propagate, as from :meth:`Ledger.display_balance`.  The misses of one turn of
+        the event loop (phones registering together after an outage or a restart) are read
+        with one query."""
         hit = self.peek(username, domain)
         if hit is not MISS:
             return hit
         self.stats["misses"] += 1
+        key = (username, domain)
+        waiter = self._reading.get(key)
+        if waiter is None:
+            loop = asyncio.get_running_loop()
+            waiter = self._reading[key] = loop.create_future()
+            self._to_read.append(key)
+            if not self._read_pending:
+                self._read_pending = True
+                task = loop.create_task(self._read())
+                self._read_tasks.add(task)
+                task.add_done_callback(self._read_tasks.discard)
+        return await asyncio.shield(waiter)
+
+    async def _read(self) -> None:
+        # A task's first step runs after the callbacks already queued: the misses of this
+        # turn are all in by now.
+        keys, self._to_read = self._to_read, []
+        self._read_pending = False
         generation = self._generation
-        shown = await self.ledger.display_balance(username, domain)
-        if self._listening and generation == self._generation:
-            if self._size >= self.max_entries:
-                self._clear()
-            users = self._entries.setdefault(domain, {})
-            if username not in users:
-                self._size += 1
-            if shown is None:
-                users[username] = None
-            else:
-                held = self._balances.get(shown.account_id)
-                if held == shown:
-                    shown = held  # another subscriber of the account read it
+        try:
+            found = await self.ledger.display_balances(keys)
+        except BaseException as exc:
+            for key in keys:
+                waiter = self._reading.pop(key)
+                if waiter.done():
+                    continue
+                if isinstance(exc, Exception):
+                    waiter.set_exception(exc)
+                    waiter.exception()  # retrieved: a waiter that was cancelled never asks
                 else:
-                    currency = self._currencies.setdefault(shown.currency, shown.currency)
-                    if currency is not shown.currency:
-                        shown = DisplayBalance(shown.account_id, currency, shown.amount)
-                    self._balances[shown.account_id] = shown
-                users[username] = shown.account_id
+                    waiter.cancel()
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self.stats["reads"] += 1
+        store = self._listening and generation == self._generation
+        for key in keys:
+            shown = found.get(key)
+            if store:
+                shown = self._store(key[0], key[1], shown)
+            waiter = self._reading.pop(key)
+            if not waiter.done():
+                waiter.set_result(shown)
+
+    def _store(self, username: str, domain: str,
+               shown: DisplayBalance | None) -> DisplayBalance | None:
+        if self._size >= self.max_entries:
+            self._clear()
+        users = self._entries.setdefault(domain, {})
+        if username not in users:
+            self._size += 1
+        if shown is None:
+            users[username] = None
+            return None
+        held = self._balances.get(shown.account_id)
+        if held == shown:
+            shown = held  # another subscriber of the account read it
+        else:
+            currency = self._currencies.setdefault(shown.currency, shown.currency)
+            if currency is not shown.currency:
+                shown = DisplayBalance(shown.account_id, currency, shown.amount)
+            self._balances[shown.account_id] = shown
+        users[username] = shown.account_id
         return shown
 
     def _forget(self, username: str, domain: str) -> None:

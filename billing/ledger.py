@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -575,6 +576,27 @@ class Ledger:
         if row is None:
             return None
         return DisplayBalance(row["id"], row["currency"], Decimal(row["amount"]))
+
+    async def display_balances(
+        self, subscribers: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], DisplayBalance]:
+        """:meth:`display_balance` of several ``(username, domain)`` in one query; those
+        without an account are not in the answer."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT s.username, s.domain, a.id, a.currency,
+                       a.balance - COALESCE((SELECT sum(amount) FROM reservations r
+                                             WHERE r.account_id = a.id), 0) AS amount
+                FROM accounts a JOIN account_subscribers s ON s.account_id = a.id
+                WHERE (s.username, s.domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+                """,
+                [u for u, _ in subscribers],
+                [d for _, d in subscribers],
+            )
+        return {(r["username"], r["domain"]): DisplayBalance(r["id"], r["currency"],
+                                                             Decimal(r["amount"]))
+                for r in rows}
 
     # -- locking ------------------------------------------------------------------------
 

@@ -5,7 +5,7 @@ change racing a miss."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -141,14 +141,17 @@ async def test_a_change_during_a_miss_is_not_stored(db_pool: asyncpg.Pool) -> No
     class RacingLedger(Ledger):
         """Reads the figure, then another transaction changes it before the read returns."""
 
-        async def display_balance(self, username: str, domain: str) -> DisplayBalance | None:
-            shown = await super().display_balance(username, domain)
-            if shown is not None and not raced:
+        async def display_balances(
+            self, subscribers: Sequence[tuple[str, str]]
+        ) -> dict[tuple[str, str], DisplayBalance]:
+            found = await super().display_balances(subscribers)
+            if found and not raced:
                 raced.append(True)
                 seen = balances.stats["invalidations"]
+                shown = next(iter(found.values()))
                 await Ledger(db_pool).topup(shown.account_id, Decimal("1.00"))
                 await eventually(lambda: balances.stats["invalidations"] > seen, "the change")
-            return shown
+            return found
 
     raced: list[bool] = []
     ledger = RacingLedger(db_pool)
@@ -161,6 +164,26 @@ async def test_a_change_during_a_miss_is_not_stored(db_pool: asyncpg.Pool) -> No
         assert len(balances) == 0  # the read spanned a notification: used, not kept
         fresh = await balances.display_balance("2104", "cache.example")
         assert fresh is not None and fresh.amount == Decimal("3.00") and len(balances) == 1
+
+
+async def test_misses_arriving_together_share_one_query(db_pool: asyncpg.Pool) -> None:
+    ledger = Ledger(db_pool)
+    balances = BalanceCache(ledger)
+    async with listening(balances, db_pool):
+        for i in range(5):
+            await _account(ledger, f"cache-storm-{i}", f"22{i}0", f"{i}.50")
+        await quiet(balances, db_pool)
+        names = [f"22{i}0" for i in range(5)] + ["2299", "2210"]  # no account; a repeat
+        shown = await asyncio.gather(*(balances.display_balance(n, "cache.example")
+                                       for n in names))
+        assert balances.stats["reads"] == 1 and balances.stats["misses"] == 7
+        assert [s.amount if s else None for s in shown] == [
+            Decimal("0.50"), Decimal("1.50"), Decimal("2.50"), Decimal("3.50"),
+            Decimal("4.50"), None, Decimal("1.50")]
+        assert len(balances) == 6  # cached, the one without an account as such
+        assert balances.peek("2299", "cache.example") is None
+        assert await balances.display_balance("2230", "cache.example") == shown[3]
+        assert balances.stats["reads"] == 1
 
 
 async def test_the_subscribers_of_an_account_share_its_balance(
