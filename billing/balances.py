@@ -41,10 +41,10 @@ with one query).
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Final, Literal
 
 from billing.ledger import DisplayBalance, Ledger
+from sipcore.missreads import MissReads
 from sipcore.pglisten import NotifyHub, Subscription
 from sipcore.subscribers import MISS, Miss
 
@@ -67,12 +67,7 @@ class BalanceCache:
         self._currencies: dict[str, str] = {}  # one string per currency
         self._generation = 0  # notifications seen; a read spanning one is not stored
         self._listening = False
-        # Misses being read: who waits for which key, the keys of the next query.
-        self._reading: dict[tuple[str, str], asyncio.Future[DisplayBalance | None]] = {}
-        self._to_read: list[tuple[str, str]] = []
-        self._read_pending = False
-        self._read_tasks: set[asyncio.Task[None]] = set()
-        self._hub: NotifyHub | None = None
+        self._misses: MissReads[tuple[str, str], DisplayBalance] = MissReads(self._read)
         self._subscription: Subscription | None = None
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, "reads": 0, "invalidations": 0,
                                       "listen_lost": 0}
@@ -91,14 +86,13 @@ class BalanceCache:
         self._subscription = await hub.subscribe(CHANNEL, self._on_notify,
                                                  lost=self.connection_lost,
                                                  restore=self._listening_again)
-        self._hub = hub
         self._listening = True
 
     async def detach(self) -> None:
         self.connection_lost()
-        hub, sub, self._hub, self._subscription = self._hub, self._subscription, None, None
-        if hub is not None and sub is not None:
-            await hub.unsubscribe(sub)
+        sub, self._subscription = self._subscription, None
+        if sub is not None:
+            await sub.cancel()
 
     async def _listening_again(self) -> None:
         self._listening = True
@@ -131,54 +125,22 @@ class BalanceCache:
         """The subscriber's shown balance (None without an account). Database errors of a
         miss propagate, as from :meth:`Ledger.display_balance`.  The misses of one turn of
         the event loop (phones registering together after an outage or a restart) are read
-        with one query."""
+        with one query (:class:`sipcore.missreads.MissReads`)."""
         hit = self.peek(username, domain)
         if hit is not MISS:
             return hit
         self.stats["misses"] += 1
-        key = (username, domain)
-        waiter = self._reading.get(key)
-        if waiter is None:
-            loop = asyncio.get_running_loop()
-            waiter = self._reading[key] = loop.create_future()
-            self._to_read.append(key)
-            if not self._read_pending:
-                self._read_pending = True
-                task = loop.create_task(self._read())
-                self._read_tasks.add(task)
-                task.add_done_callback(self._read_tasks.discard)
-        return await asyncio.shield(waiter)
+        return await self._misses.get((username, domain))
 
-    async def _read(self) -> None:
-        # A task's first step runs after the callbacks already queued: the misses of this
-        # turn are all in by now.
-        keys, self._to_read = self._to_read, []
-        self._read_pending = False
+    async def _read(
+        self, keys: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], DisplayBalance | None]:
         generation = self._generation
-        try:
-            found = await self.ledger.display_balances(keys)
-        except BaseException as exc:
-            for key in keys:
-                waiter = self._reading.pop(key)
-                if waiter.done():
-                    continue
-                if isinstance(exc, Exception):
-                    waiter.set_exception(exc)
-                    waiter.exception()  # retrieved: a waiter that was cancelled never asks
-                else:
-                    waiter.cancel()
-            if not isinstance(exc, Exception):
-                raise
-            return
+        found = await self.ledger.display_balances(keys)
         self.stats["reads"] += 1
-        store = self._listening and generation == self._generation
-        for key in keys:
-            shown = found.get(key)
-            if store:
-                shown = self._store(key[0], key[1], shown)
-            waiter = self._reading.pop(key)
-            if not waiter.done():
-                waiter.set_result(shown)
+        if not (self._listening and generation == self._generation):
+            return dict(found)
+        return {key: self._store(key[0], key[1], found.get(key)) for key in keys}
 
     def _store(self, username: str, domain: str,
                shown: DisplayBalance | None) -> DisplayBalance | None:

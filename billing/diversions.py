@@ -58,7 +58,6 @@ class DiversionCache:
         self._accounts: dict[int, str | None] = {}  # account -> voicemail if locked ("": default)
         self._generation = 0
         self._listening = False
-        self._hub: NotifyHub | None = None
         self._subscription: Subscription | None = None
         self.stats: dict[str, int] = {"hits": 0, "misses": 0, "invalidations": 0}
 
@@ -74,14 +73,13 @@ class DiversionCache:
         self._subscription = await hub.subscribe(CHANNEL, self._on_notify,
                                                  lost=self.connection_lost,
                                                  restore=self._listening_again)
-        self._hub = hub
         self._listening = True
 
     async def detach(self) -> None:
         self.connection_lost()
-        hub, sub, self._hub, self._subscription = self._hub, self._subscription, None, None
-        if hub is not None and sub is not None:
-            await hub.unsubscribe(sub)
+        sub, self._subscription = self._subscription, None
+        if sub is not None:
+            await sub.cancel()
 
     async def _listening_again(self) -> None:
         self._listening = True

@@ -201,7 +201,6 @@ class BillingService:
         self._maintenance: asyncio.Task[None] | None = None
         #: The process's listening connection (made here if not given).
         self.hub = hub
-        self._own_hub: NotifyHub | None = None
         self._subscription: Subscription | None = None
         self._stopping = False
         self._answers: dict[str, datetime] = {}  # answered, not yet written
@@ -263,7 +262,7 @@ class BillingService:
         are lost, and the caches, emptied when it was lost, fill again."""
         hub = self.hub
         if hub is None:
-            hub = self.hub = self._own_hub = NotifyHub(self.pool, "billing")
+            hub = self.hub = NotifyHub(self.pool, "billing", private=True)
         self._subscription = await hub.subscribe(RATES_CHANGED_CHANNEL, self._rates_changed,
                                                  restore=self._reload_rates)
         await self.balances.attach(hub)
@@ -304,12 +303,9 @@ class BillingService:
                 state.timer.cancel()
         await self.diversions.detach()
         await self.balances.detach()
-        hub, sub, self._subscription = self.hub, self._subscription, None
-        if hub is not None and sub is not None:
-            await hub.unsubscribe(sub)
-        own, self._own_hub = self._own_hub, None
-        if own is not None:
-            await own.close()
+        sub, self._subscription = self._subscription, None
+        if sub is not None:
+            await sub.cancel()
 
     def answered_call_ids(self) -> list[str]:
         """Billable calls in progress on this node (heartbeated by the maintenance task)."""

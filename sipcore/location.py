@@ -455,9 +455,7 @@ class LocationService:
         self._flush_handle: asyncio.Handle | None = None
         self._flush_task: asyncio.Task[None] | None = None
         self._own_pids: set[int] = set()
-        self._hub: NotifyHub | None = None  # listening for other nodes' changes
-        self._own_hub: NotifyHub | None = None  # made by listen() when given none
-        self._subscription: Subscription | None = None
+        self._subscription: Subscription | None = None  # listening for other nodes' changes
         self._reloads: dict[str, bool] = {}  # aor -> reload again when the current one ends
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shared: dict[str, str] = {}
@@ -951,10 +949,9 @@ class LocationService:
         connection, or one of the service's own) so changes made by other nodes/workers show
         here; after a lost connection, everything is reloaded once a new one listens."""
         if hub is None:
-            hub = self._own_hub = NotifyHub(self.pool, "location")
+            hub = NotifyHub(self.pool, "location", private=True)
         self._subscription = await hub.subscribe(self.CHANNEL, self._on_notify,
                                                  restore=self.resync)
-        self._hub = hub
 
     @property
     def listening(self) -> bool:
@@ -1101,13 +1098,9 @@ class LocationService:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks))
-        hub, self._hub = self._hub, None
-        if hub is not None and self._subscription is not None:
-            await hub.unsubscribe(self._subscription)
-        self._subscription = None
-        own, self._own_hub = self._own_hub, None
-        if own is not None:
-            await own.close()
+        sub, self._subscription = self._subscription, None
+        if sub is not None:
+            await sub.cancel()
 
 
 #: json.dumps with separators builds a new encoder per call.

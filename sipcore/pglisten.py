@@ -64,6 +64,7 @@ async def relisten(attempt: Callable[[], Awaitable[None]], stopped: Callable[[],
 class Subscription:
     """One owner's interest in one channel (see the module docstring)."""
 
+    hub: NotifyHub
     channel: str
     on_notify: Notified
     lost: Callable[[], None] | None
@@ -71,13 +72,20 @@ class Subscription:
     #: LISTENing now and, after a lost connection, restored.
     current: bool = False
 
+    async def cancel(self) -> None:
+        """Stop listening (:meth:`NotifyHub.unsubscribe`)."""
+        await self.hub.unsubscribe(self)
+
 
 class NotifyHub:
     """The process's listening connection, shared by channel subscriptions."""
 
-    def __init__(self, pool: asyncpg.Pool, name: str = "notify") -> None:
+    def __init__(self, pool: asyncpg.Pool, name: str = "notify", *,
+                 private: bool = False) -> None:
         self.pool = pool
         self.name = name
+        #: Made by one owner for itself: closed when its last subscription is cancelled.
+        self.private = private
         self.stats = {"lost": 0, "restored": 0}
         self._conn: PoolConnectionProxy[Record] | None = None
         self._subs: list[Subscription] = []
@@ -109,7 +117,7 @@ class NotifyHub:
         replaced the subscription joins the others: it listens, and is restored, with them."""
         if self._closed:
             raise RuntimeError("the notification hub is closed")
-        sub = Subscription(channel, on_notify, lost, restore)
+        sub = Subscription(self, channel, on_notify, lost, restore)
         async with self._lock:
             conn = self._conn
             if conn is not None:
@@ -129,7 +137,8 @@ class NotifyHub:
         return sub
 
     async def unsubscribe(self, sub: Subscription) -> None:
-        """Stop listening for ``sub`` (the connection stays while others listen)."""
+        """Stop listening for ``sub`` (the connection stays while others listen; a
+        :attr:`private` hub closes with its last subscription)."""
         if sub not in self._subs:
             return
         self._subs.remove(sub)
@@ -138,6 +147,8 @@ class NotifyHub:
         if conn is not None:
             with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
                 await conn.remove_listener(sub.channel, sub.on_notify)
+        if self.private and not self._subs:
+            await self.close()
 
     async def _connect(self, extra: Sequence[Subscription] = ()) -> None:
         """Take a connection, LISTEN on every channel, watch for its loss (the caller holds

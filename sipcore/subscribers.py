@@ -25,7 +25,6 @@ subscriber) and a cached subscriber's ``username`` and ``domain`` are the cache'
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import enum
 import hashlib
@@ -38,6 +37,7 @@ from typing import Any, Final, Literal
 import asyncpg
 from asyncpg import Record
 
+from sipcore.missreads import MissReads
 from sipcore.pglisten import NotifyHub, Subscription
 
 __all__ = ["MISS", "Miss", "Subscriber", "SubscriberError", "SubscriberExists", "SubscriberStore",
@@ -157,7 +157,6 @@ def _row(r: Any) -> Subscriber:
 
 #: Bound of the cache (entries, negative ones included) against a dictionary attack on names.
 _CACHE_MAX: Final = 200_000
-_READ_BATCH: Final = 500  # cache misses per query
 
 
 class SubscriberStore:
@@ -171,22 +170,14 @@ class SubscriberStore:
         self._cache: dict[str, dict[str, Subscriber | None]] = {}
         self._cached = 0
         self._domains: dict[str, str] = {}  # one string per domain
-        self._hub: NotifyHub | None = None  # listening for other nodes' changes
-        self._own_hub: NotifyHub | None = None  # made by listen() when given none
-        self._subscription: Subscription | None = None
+        self._subscription: Subscription | None = None  # listening for other nodes' changes
         # Bumped by every change seen (notification, own write, lost channel): a read that
         # started under an older generation is not stored.
         self._generation = 0
         self._lost = False  # the listening connection is gone: store nothing new
         self._closed = False
-        # Misses being read (get()): who waits for which key, and the keys of the next query.
-        self._reading: dict[tuple[str, str], asyncio.Future[Subscriber | None]] = {}
-        self._to_read: builtins.list[tuple[str, str]] = []
-        self._read_handle: asyncio.Handle | None = None
-        self._read_tasks: set[asyncio.Task[None]] = set()
-        #: listen_lost: lost LISTEN connections; reads: queries for cache misses; read_keys:
-        #: subscribers those queries asked for (several misses share a query).
-        self.stats: dict[str, int] = {"listen_lost": 0, "reads": 0, "read_keys": 0}
+        self._misses: MissReads[tuple[str, str], Subscriber] = MissReads(self._read)
+        self._listen_lost = 0
 
     def _cache_put(self, username: str, domain: str, sub: Subscriber | None) -> None:
         """Cache ``sub`` under the key strings, which it then shares (``domain`` lower case)."""
@@ -297,69 +288,34 @@ class SubscriberStore:
 
     async def get(self, username: str, domain: str) -> Subscriber | None:
         """The subscriber, from the cache when possible (negative answers are cached too).
-
-        Misses are read together: every miss of one turn of the event loop (a registration
-        storm after an outage or a restart, when thousands of phones whose entries are not
-        cached answer their challenges at once) joins one query, and a second miss of a key
-        already being read waits for that read."""
+        Misses of one turn of the event loop (a registration storm) share one query
+        (:class:`sipcore.missreads.MissReads`)."""
         domain = domain.lower()
         users = self._cache.get(domain)
         if users is not None and username in users:
             return users[username]
-        key = (username, domain)
-        waiter = self._reading.get(key)
-        if waiter is None:
-            loop = asyncio.get_running_loop()
-            waiter = self._reading[key] = loop.create_future()
-            self._to_read.append(key)
-            if self._read_handle is None:
-                self._read_handle = loop.call_soon(self._start_read)
-        return await asyncio.shield(waiter)
+        return await self._misses.get((username, domain))
 
-    def _start_read(self) -> None:
-        self._read_handle = None
-        keys, self._to_read = self._to_read, []
-        for start in range(0, len(keys), _READ_BATCH):
-            task = asyncio.get_running_loop().create_task(
-                self._read(keys[start:start + _READ_BATCH]))
-            self._read_tasks.add(task)
-            task.add_done_callback(self._read_tasks.discard)
-
-    async def _read(self, keys: builtins.list[tuple[str, str]]) -> None:
+    async def _read(
+        self, keys: builtins.list[tuple[str, str]]
+    ) -> dict[tuple[str, str], Subscriber | None]:
         generation = self._generation
-        try:
-            async with self.pool.acquire() as conn:
-                rows = await conn.fetch(
-                    "SELECT username, domain, ha1_md5, ha1_sha256, password_md5 FROM subscribers"
-                    " WHERE (username, domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                    [k[0] for k in keys], [k[1] for k in keys])
-        except BaseException as exc:
-            for key in keys:
-                waiter = self._reading.pop(key)
-                if waiter.done():
-                    continue
-                if isinstance(exc, Exception):
-                    waiter.set_exception(exc)
-                    waiter.exception()  # retrieved: a waiter that was cancelled never asks
-                else:
-                    waiter.cancel()
-            if not isinstance(exc, Exception):
-                raise
-            return
-        self.stats["reads"] += 1
-        self.stats["read_keys"] += len(keys)
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT username, domain, ha1_md5, ha1_sha256, password_md5 FROM subscribers"
+                " WHERE (username, domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                [k[0] for k in keys], [k[1] for k in keys])
         found = {(r[0], r[1]): r for r in rows}
         store = generation == self._generation and not self._lost
+        out: dict[tuple[str, str], Subscriber | None] = {}
         for username, domain in keys:
             row = found.get((username, domain))
-            domain_str = self._domains.get(domain, domain)
-            sub = None if row is None else Subscriber.from_hex(username, domain_str, row[2],
-                                                                 row[3], row[4])
+            sub = None if row is None else Subscriber.from_hex(
+                username, self._domains.get(domain, domain), row[2], row[3], row[4])
             if store:
                 self._cache_put(username, domain, sub)
-            waiter = self._reading.pop((username, domain))
-            if not waiter.done():
-                waiter.set_result(sub)
+            out[(username, domain)] = sub
+        return out
 
     def peek(self, username: str, domain: str) -> Subscriber | Literal[Miss.MISS] | None:
         """The cached subscriber (None: cached as unknown), else :data:`MISS`; no await, so
@@ -376,11 +332,19 @@ class SubscriberStore:
         return users[username] is not None
 
     @property
+    def stats(self) -> dict[str, int]:
+        """listen_lost: lost LISTEN connections; reads: queries for cache misses; read_keys:
+        the subscribers they asked for (the misses of one event-loop turn share a query)."""
+        return {"listen_lost": self._listen_lost, "reads": self._misses.reads,
+                "read_keys": self._misses.keys_read}
+
+    @property
     def listening(self) -> bool:
         """A connection listens for other nodes' changes and the cache is current (False
         before :meth:`listen`, and after a lost connection until a new one listens and the
         cache has been read again)."""
-        return self._hub is not None and self._hub.connected and not self._lost
+        sub = self._subscription
+        return sub is not None and sub.hub.connected and not self._lost
 
     async def listen(self, hub: NotifyHub | None = None) -> None:
         """Drop cache entries when another node changes a subscriber (LISTEN/NOTIFY on
@@ -388,11 +352,10 @@ class SubscriberStore:
         the connection is lost, listen again and then re-read the cache (see the module
         docstring)."""
         if hub is None:
-            hub = self._own_hub = NotifyHub(self.pool, "subscribers")
+            hub = NotifyHub(self.pool, "subscribers", private=True)
         self._subscription = await hub.subscribe(self.CHANNEL, self._on_notify,
                                                  lost=self._on_listen_lost,
                                                  restore=self._restore)
-        self._hub = hub
 
     async def _restore(self) -> None:
         """After a lost connection, once a new one listens: re-read every cached entry, since
@@ -409,7 +372,7 @@ class SubscriberStore:
                     " WHERE (username, domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
                     [k[0] for k in keys], [k[1] for k in keys])
             rows = {(r[0], r[1]): r for r in found}
-        if self._hub is None or not self._hub.connected:
+        if self._subscription is None or not self._subscription.hub.connected:
             raise ConnectionError("the listening connection was lost again")
         if generation != self._generation:
             self._cache_clear()  # a change arrived meanwhile: the rows may predate it
@@ -423,22 +386,13 @@ class SubscriberStore:
     def _on_listen_lost(self) -> None:
         if self._closed:
             return
-        self.stats["listen_lost"] += 1
+        self._listen_lost += 1
         self._lost = True
         self._generation += 1
 
     async def close(self) -> None:
         self._closed = True
-        if self._read_handle is not None:
-            self._read_handle.cancel()
-            self._read_handle = None
-            self._start_read()  # misses already waiting still get their answer
-        if self._read_tasks:
-            await asyncio.wait(list(self._read_tasks))
-        hub, self._hub = self._hub, None
-        if hub is not None and self._subscription is not None:
-            await hub.unsubscribe(self._subscription)
-        self._subscription = None
-        own, self._own_hub = self._own_hub, None
-        if own is not None:
-            await own.close()
+        await self._misses.drain()
+        sub, self._subscription = self._subscription, None
+        if sub is not None:
+            await sub.cancel()
