@@ -300,12 +300,7 @@ class SubscriberStore:
         self, keys: builtins.list[tuple[str, str]]
     ) -> dict[tuple[str, str], Subscriber | None]:
         generation = self._generation
-        async with self.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT username, domain, ha1_md5, ha1_sha256, password_md5 FROM subscribers"
-                " WHERE (username, domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                [k[0] for k in keys], [k[1] for k in keys])
-        found = {(r[0], r[1]): r for r in rows}
+        found = await self._select(keys)
         store = generation == self._generation and not self._lost
         out: dict[tuple[str, str], Subscriber | None] = {}
         for username, domain in keys:
@@ -357,6 +352,17 @@ class SubscriberStore:
                                                  lost=self._on_listen_lost,
                                                  restore=self._restore)
 
+    async def _select(
+        self, keys: builtins.list[tuple[str, str]]
+    ) -> dict[tuple[str, str], Record]:
+        """The rows of those of ``keys`` that exist, by key."""
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT username, domain, ha1_md5, ha1_sha256, password_md5 FROM subscribers"
+                " WHERE (username, domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+                [k[0] for k in keys], [k[1] for k in keys])
+        return {(r[0], r[1]): r for r in rows}
+
     async def _restore(self) -> None:
         """After a lost connection, once a new one listens: re-read every cached entry, since
         whatever changed while nobody listened is unknown.  Raises (and changes nothing)
@@ -364,14 +370,7 @@ class SubscriberStore:
         seemed to work does not leave known phones unable to authenticate."""
         generation = self._generation
         keys = [(username, domain) for domain, users in self._cache.items() for username in users]
-        rows: dict[tuple[str, str], Record] = {}
-        if keys:
-            async with self.pool.acquire() as conn:
-                found = await conn.fetch(
-                    "SELECT username, domain, ha1_md5, ha1_sha256, password_md5 FROM subscribers"
-                    " WHERE (username, domain) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
-                    [k[0] for k in keys], [k[1] for k in keys])
-            rows = {(r[0], r[1]): r for r in found}
+        rows = await self._select(keys) if keys else {}
         if self._subscription is None or not self._subscription.hub.connected:
             raise ConnectionError("the listening connection was lost again")
         if generation != self._generation:
