@@ -13,7 +13,8 @@ core registers its own handlers at both ends of the walk:
 * ``REQINIT`` (:meth:`ProxyCore._reqinit`): Max-Forwards (483, §16.3 step 3), loop detection
   (482, §16.3 step 4 / RFC 5393: our Via branch carries a hash of the request's routing
   fields, so a request that comes back unchanged is a loop and a spiral is not), Proxy-Require
-  (420 with Unsupported, §16.3 step 5), and OPTIONS addressed to the server itself (200, §11).
+  (420 with Unsupported, §16.3 step 5), and OPTIONS addressed to the server itself (200, §11,
+  statelessly: §8.2.7).
 * ``IN_DIALOG`` (:meth:`ProxyCore._in_dialog`): a request with a To tag follows the Route set
   (loose routing, §16.4/§16.12). It is only relayed to a peer of a dialog this proxy set up
   (:class:`DialogTable`), so in-dialog requests can't turn the server into an open relay.
@@ -642,6 +643,10 @@ class ProxyCore:
         return False
 
     def _options(self, ctx: RequestContext) -> bool:
+        # Stateless (§8.2.7): the same request always gets the same answer (the To tag is a
+        # hash of the request), so a retransmission may as well be answered again, and the
+        # keep-alive OPTIONS of phones and trunks leave no transaction for Timer J.
+        ctx.stateless = True
         return ctx.reply(200, "OK", headers=[
             ("Allow", ALLOW), ("Accept", "application/sdp, text/plain, application/pidf+xml"),
             ("Supported", "path, outbound, replaces"),
