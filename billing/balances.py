@@ -41,84 +41,36 @@ with one query).
 
 from __future__ import annotations
 
-from typing import Any, Final, Literal
+from typing import Literal
 
+from billing.accountcache import ABSENT, AccountCache
 from billing.ledger import DisplayBalance, Ledger
 from sipcore.missreads import MissReads
-from sipcore.pglisten import NotifyHub, Subscription
 from sipcore.subscribers import MISS, Miss
 
-CHANNEL: Final = "billing_account_changed"
 
-_ABSENT: Final[Any] = object()
-
-
-class BalanceCache:
-    """Shown balances by ``(username, domain)``; see the module docstring."""
+class BalanceCache(AccountCache[DisplayBalance]):
+    """Shown balances by ``(username, domain)``; see the module docstring. The account id
+    object in the subscriber map is the one of the account's balance."""
 
     def __init__(self, ledger: Ledger, *, max_entries: int = 100_000) -> None:
+        super().__init__(max_entries=max_entries, stats=("reads",))
         self.ledger = ledger
-        self.max_entries = max_entries
-        # domain -> username -> account id (None: no account): a few domains, so no key
-        # tuple per subscriber; the account id object is the one of the account's balance.
-        self._entries: dict[str, dict[str, int | None]] = {}
-        self._size = 0
-        self._balances: dict[int, DisplayBalance] = {}  # account id -> shown
         self._currencies: dict[str, str] = {}  # one string per currency
-        self._generation = 0  # notifications seen; a read spanning one is not stored
-        self._listening = False
         self._misses: MissReads[tuple[str, str], DisplayBalance] = MissReads(self._read)
-        self._subscription: Subscription | None = None
-        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "reads": 0, "invalidations": 0,
-                                      "listen_lost": 0}
-
-    @property
-    def listening(self) -> bool:
-        return self._listening
-
-    def __len__(self) -> int:
-        return self._size
-
-    async def attach(self, hub: NotifyHub) -> None:
-        """LISTEN on ``hub`` (the process's listening connection): when it is lost the cache
-        forgets everything and stores nothing (:meth:`connection_lost`) until a new one
-        listens."""
-        self._subscription = await hub.subscribe(CHANNEL, self._on_notify,
-                                                 lost=self.connection_lost,
-                                                 restore=self._listening_again)
-        self._listening = True
-
-    async def detach(self) -> None:
-        self.connection_lost()
-        sub, self._subscription = self._subscription, None
-        if sub is not None:
-            await sub.cancel()
-
-    async def _listening_again(self) -> None:
-        self._listening = True
-
-    def connection_lost(self) -> None:
-        """Notifications may be lost from now on: forget everything, store nothing."""
-        if self._listening:
-            self.stats["listen_lost"] += 1
-        self._listening = False
-        self._generation += 1
-        self._clear()
 
     def peek(self, username: str, domain: str) -> DisplayBalance | Literal[Miss.MISS] | None:
         """The shown balance if the cache holds it (None: the subscriber has no account),
         else :data:`MISS`; no await, so a REGISTER whose figure is cached needs no task."""
-        users = self._entries.get(domain)
-        if users is not None:
-            account_id = users.get(username, _ABSENT)
-            if account_id is None:
+        account_id = self._account_of(username, domain)
+        if account_id is None:
+            self.stats["hits"] += 1
+            return None
+        if account_id is not ABSENT:
+            cached = self._accounts.get(account_id)
+            if cached is not None:
                 self.stats["hits"] += 1
-                return None
-            if account_id is not _ABSENT:
-                cached = self._balances.get(account_id)
-                if cached is not None:
-                    self.stats["hits"] += 1
-                    return cached
+                return cached
         return MISS
 
     async def display_balance(self, username: str, domain: str) -> DisplayBalance | None:
@@ -138,51 +90,24 @@ class BalanceCache:
         generation = self._generation
         found = await self.ledger.display_balances(keys)
         self.stats["reads"] += 1
-        if not (self._listening and generation == self._generation):
+        if not self.storable(generation):
             return dict(found)
         return {key: self._store(key[0], key[1], found.get(key)) for key in keys}
 
     def _store(self, username: str, domain: str,
                shown: DisplayBalance | None) -> DisplayBalance | None:
         if self._size >= self.max_entries:
-            self._clear()
-        users = self._entries.setdefault(domain, {})
-        if username not in users:
-            self._size += 1
+            self._clear()  # before the balance goes in (_put would clear it with the rest)
         if shown is None:
-            users[username] = None
+            self._put(username, domain, None)
             return None
-        held = self._balances.get(shown.account_id)
+        held = self._accounts.get(shown.account_id)
         if held == shown:
             shown = held  # another subscriber of the account read it
         else:
             currency = self._currencies.setdefault(shown.currency, shown.currency)
             if currency is not shown.currency:
                 shown = DisplayBalance(shown.account_id, currency, shown.amount)
-            self._balances[shown.account_id] = shown
-        users[username] = shown.account_id
+            self._accounts[shown.account_id] = shown
+        self._put(username, domain, shown.account_id)
         return shown
-
-    def _forget(self, username: str, domain: str) -> None:
-        users = self._entries.get(domain)
-        if users is not None and users.pop(username, _ABSENT) is not _ABSENT:
-            self._size -= 1
-
-    def _clear(self) -> None:
-        self._entries.clear()
-        self._balances.clear()
-        self._size = 0
-
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
-        self._generation += 1
-        self.stats["invalidations"] += 1
-        # "<account id>" or, for a subscriber moved, "<account id>\t<username>\t<domain>".
-        fields = str(payload).split("\t")
-        try:
-            account_id = int(fields[0])
-        except ValueError:
-            self._clear()
-            return
-        self._balances.pop(account_id, None)
-        if len(fields) == 3:
-            self._forget(fields[1], fields[2])

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Final, Literal
 
-from billing.balances import CHANNEL
-from sipcore.pglisten import NotifyHub, Subscription
+from billing.accountcache import ABSENT, AccountCache
 from sipcore.subscribers import MISS, Miss
 
 if TYPE_CHECKING:
@@ -43,69 +42,32 @@ _QUERY: Final = (
 )
 
 
-class DiversionCache:
+class DiversionCache(AccountCache[str | None]):
     """The voicemail of each callee's locked account by ``(username, domain)``; see the
     module docstring. ``default_uri`` is the configured voicemail for locked accounts
-    without one of their own ("" or None: such calls are not diverted)."""
+    without one of their own ("" or None: such calls are not diverted). Per account it
+    holds the voicemail while the account is locked (``""``: the default) and None while
+    it is active."""
 
     def __init__(self, pool: Pool, default_uri: str | None, *,
                  max_entries: int = 100_000) -> None:
+        super().__init__(max_entries=max_entries)
         self._pool = pool
         self.default_uri = default_uri or None
-        self.max_entries = max_entries
-        self._entries: dict[str, dict[str, int | None]] = {}  # domain -> username -> account
-        self._size = 0
-        self._accounts: dict[int, str | None] = {}  # account -> voicemail if locked ("": default)
-        self._generation = 0
-        self._listening = False
-        self._subscription: Subscription | None = None
-        self.stats: dict[str, int] = {"hits": 0, "misses": 0, "invalidations": 0}
-
-    @property
-    def listening(self) -> bool:
-        return self._listening
-
-    def __len__(self) -> int:
-        return self._size
-
-    async def attach(self, hub: NotifyHub) -> None:
-        """LISTEN on ``hub``, as ``billing.balances.BalanceCache.attach`` does."""
-        self._subscription = await hub.subscribe(CHANNEL, self._on_notify,
-                                                 lost=self.connection_lost,
-                                                 restore=self._listening_again)
-        self._listening = True
-
-    async def detach(self) -> None:
-        self.connection_lost()
-        sub, self._subscription = self._subscription, None
-        if sub is not None:
-            await sub.cancel()
-
-    async def _listening_again(self) -> None:
-        self._listening = True
-
-    def connection_lost(self) -> None:
-        """Notifications may be lost from now on: forget everything, store nothing."""
-        self._listening = False
-        self._generation += 1
-        self._clear()
 
     def peek(self, username: str, domain: str) -> str | Literal[Miss.MISS] | None:
         """Where a call to the subscriber goes instead (None: to its phones) if that is
         cached, else :data:`MISS`. No await, so a call between subscribers whose callee was
         seen before costs the pipeline no task."""
-        users = self._entries.get(domain)
-        if users is None:
+        account_id = self._account_of(username, domain)
+        if account_id is ABSENT:
             return MISS
-        if username not in users:
-            return MISS
-        account_id = users[username]
         if account_id is None:
             self.stats["hits"] += 1
             return None
-        if account_id not in self._accounts:
+        state = self._accounts.get(account_id, ABSENT)
+        if state is ABSENT:
             return MISS
-        state = self._accounts[account_id]
         self.stats["hits"] += 1
         return self._target(state)
 
@@ -121,13 +83,8 @@ class DiversionCache:
         state: str | None = None
         if row is not None and row["locked"]:
             state = row["diversion_uri"] or ""
-        if self._listening and generation == self._generation:
-            if self._size >= self.max_entries:
-                self._clear()
-            users = self._entries.setdefault(domain, {})
-            if username not in users:
-                self._size += 1
-            users[username] = None if row is None else row["id"]
+        if self.storable(generation):
+            self._put(username, domain, None if row is None else row["id"])
             if row is not None:
                 self._accounts[row["id"]] = state
         return self._target(state)
@@ -137,28 +94,8 @@ class DiversionCache:
             return None
         return state or self.default_uri
 
-    def _clear(self) -> None:
-        self._entries.clear()
-        self._accounts.clear()
-        self._size = 0
-
-    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+    def _ignores(self, fields: list[str]) -> bool:
         # "<account id>": a balance changed (nothing to do here); "<account id>\trouting":
         # its lock or voicemail changed; "<account id>\t<username>\t<domain>": a subscriber
         # joined or left the account.
-        fields = str(payload).split("\t")
-        if len(fields) == 1 and fields[0].isdigit():
-            return
-        self._generation += 1
-        self.stats["invalidations"] += 1
-        try:
-            account_id = int(fields[0])
-        except ValueError:
-            self._clear()
-            return
-        self._accounts.pop(account_id, None)
-        if len(fields) == 3:
-            users = self._entries.get(fields[2])
-            if users is not None and fields[1] in users:
-                del users[fields[1]]
-                self._size -= 1
+        return len(fields) == 1 and fields[0].isdigit()

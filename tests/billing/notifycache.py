@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from billing.balances import CHANNEL
+from billing.accountcache import CHANNEL
 from sipcore.pglisten import NotifyHub
 
 

@@ -200,15 +200,36 @@ async def test_the_subscribers_of_an_account_share_its_balance(
     assert first == DisplayBalance(account_id, "EUR", Decimal("7.00"))
     assert second is first  # one object per account, not per subscriber
     assert cache._entries["cache.example"]["2106"] is first.account_id
-    assert len(cache) == 2 and len(cache._balances) == 1
+    assert len(cache) == 2 and len(cache._accounts) == 1
 
     # A posting drops the account's figure, not which account the subscribers belong to.
     seen = cache.stats["invalidations"]
     await ledger.topup(account_id, Decimal("1.00"))
     await eventually(lambda: cache.stats["invalidations"] > seen, "the notification")
-    assert len(cache) == 2 and not cache._balances
+    assert len(cache) == 2 and not cache._accounts
     hits = cache.stats["hits"]
     third = await cache.display_balance("2106", "cache.example")
     assert third is not None and third.amount == Decimal("8.00")
     assert await cache.display_balance("2105", "cache.example") is third
     assert cache.stats["hits"] == hits + 1
+
+
+async def test_a_full_cache_starts_over_and_keeps_what_it_just_read(
+    db_pool: asyncpg.Pool,
+) -> None:
+    ledger = Ledger(db_pool)
+    ids = [await _account(ledger, f"cache-full-{n}", f"215{n}", f"{n}.00") for n in range(3)]
+    balances = BalanceCache(ledger, max_entries=2)
+    async with listening(balances, db_pool):
+        await quiet(balances, db_pool)
+        for n in range(2):
+            assert (await balances.display_balance(f"215{n}", "cache.example")
+                    == DisplayBalance(ids[n], "EUR", Decimal(f"{n}.00")))
+        assert len(balances) == 2 and balances.peek("2150", "cache.example") is not MISS
+        # The third subscriber does not fit: the cache starts over with it alone, and its
+        # figure (stored after the clearing, not wiped by it) is a hit from now on.
+        third = await balances.display_balance("2152", "cache.example")
+        assert third == DisplayBalance(ids[2], "EUR", Decimal("2.00"))
+        assert len(balances) == 1 and list(balances._accounts) == [ids[2]]
+        assert balances.peek("2150", "cache.example") is MISS
+        assert balances.peek("2152", "cache.example") is third

@@ -150,3 +150,24 @@ async def test_a_bad_payload_empties_the_cache(db_pool: asyncpg.Pool,
     assert await cache.lookup("3005", DOMAIN) is None
     cache._on_notify(None, 0, "billing_account_changed", "garbage")
     assert cache.peek("3005", DOMAIN) is MISS and len(cache) == 0
+
+
+async def test_a_full_cache_starts_over(db_pool: asyncpg.Pool) -> None:
+    ledger = Ledger(db_pool)
+    locked = await _account(ledger, "3160")
+    await ledger.lock(locked, "manual")
+    try:
+        await _account(ledger, "3161")
+        diversions = DiversionCache(db_pool, VM, max_entries=2)
+        async with listening(diversions, db_pool):
+            await quiet(diversions, db_pool)
+            assert await diversions.lookup("3160", DOMAIN) == VM
+            assert await diversions.lookup("3161", DOMAIN) is None
+            assert await diversions.lookup("3199", DOMAIN) is None  # no account: over the cap
+            assert len(diversions) == 1
+            assert diversions.peek("3160", DOMAIN) is MISS
+            assert diversions.peek("3199", DOMAIN) is None  # cached: no account
+            assert await diversions.lookup("3160", DOMAIN) == VM  # read again
+            assert diversions.stats["misses"] == 4 and len(diversions) == 2
+    finally:
+        await ledger.unlock(locked)
