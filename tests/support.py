@@ -6,6 +6,7 @@ The server runs as a subprocess started exactly as an operator would (``sipbill 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import os
@@ -16,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = REPO / "sipp-scenarios"
 SIPBILL = str(Path(sys.executable).parent / "sipbill")
+
+
+async def eventually(condition: Callable[[], object], what: str = "the condition",
+                     timeout: float = 5.0) -> None:
+    """Poll ``condition`` every 10 ms on the running loop until it holds; fail naming
+    ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import asyncpg
 
 from billing.accountcache import CHANNEL
 from sipcore.pglisten import NotifyHub
+from tests.support import eventually
 
 
 class NotifiedCache(Protocol):
@@ -22,13 +22,6 @@ class NotifiedCache(Protocol):
 
     def connection_lost(self) -> None: ...
 
-
-async def eventually(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def quiet(cache: NotifiedCache, db_pool: asyncpg.Pool) -> None:

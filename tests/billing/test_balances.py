@@ -14,7 +14,8 @@ import pytest
 
 from billing.balances import MISS, BalanceCache
 from billing.ledger import DisplayBalance, Ledger
-from tests.billing.notifycache import eventually, listening, quiet
+from tests.billing.notifycache import listening, quiet
+from tests.support import eventually
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from billing.balances import BalanceCache
 from billing.diversions import DiversionCache
 from billing.ledger import Ledger
 from sipcore.subscribers import MISS
-from tests.billing.notifycache import eventually, listening, quiet
+from tests.billing.notifycache import listening, quiet
+from tests.support import eventually
 
 VM = "sip:voicemail@example.com"
 DOMAIN = "divert.example"

@@ -55,6 +55,7 @@ from sipbill.control import (
 )
 from sipbill.ctlcli import parse_call_args, parse_value, run_ctl
 from sipbill.ctlclient import AsyncControlClient, ControlClient, ControlConnectionError
+from tests.support import eventually
 
 # --------------------------------------------------------------------------------------------
 # A module's methods, registered the way every module registers its own
@@ -221,11 +222,6 @@ class LogEvents(logging.Handler):
     def __exit__(self, *exc_info: object) -> None:
         logging.getLogger("sipbill.control").removeHandler(self)
 
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from sipcore.pglisten import NotifyHub
 from sipcore.pipeline import EventBus
 from sipcore.transport_types import Peer
 from sipcore.uri import parse_uri
+from tests.support import eventually
 
 SOURCE = Peer("UDP", "198.51.100.7", 40123)
 
@@ -435,7 +436,7 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
                     instance='"<urn:uuid:00000000-0000-0000-0000-000000000001>"', reg_id=1,
                     user_agent="Phone\t1")
         await node_a.update(aor, add(b))
-        await _until(lambda: len(node_b.lookup(aor)) == 1)
+        await eventually(lambda: len(node_b.lookup(aor)) == 1)
         # A new contact comes with the notification itself (no query), every field intact.
         assert node_b.stats["remote_changes"] == 1 and node_b.stats["reloads"] == 0
         assert node_b.lookup(aor)[0].as_dict(0) == b.as_dict(0)
@@ -446,10 +447,10 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
         # A second contact joins the first; then it is removed on its own (Expires: 0).
         second = binding(aor, "sip:i@2")
         await node_a.update(aor, add(second))
-        await _until(lambda: len(node_b.lookup(aor)) == 2)
+        await eventually(lambda: len(node_b.lookup(aor)) == 2)
         assert [x.contact for x in reloaded_b[-1].bindings] == ["sip:i@1", "sip:i@2"]
         await node_a.update(aor, lambda cur: BindingChange(cur[:1], removed=cur[1:]))
-        await _until(lambda: len(node_b.lookup(aor)) == 1)
+        await eventually(lambda: len(node_b.lookup(aor)) == 1)
         assert node_b.stats["remote_changes"] == 3 and node_b.stats["reloads"] == 0
         assert len(reloaded_b) == 3
         # A plain refresh changes no contact: applied from the notification itself (no
@@ -461,7 +462,7 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
                         path=first.path, user_agent=first.user_agent, instance=first.instance,
                         reg_id=first.reg_id, received_at=first.received_at + 1.5)
         await node_a.update(aor, lambda cur: BindingChange((fresh,), refreshed=(fresh,)))
-        await _until(lambda: node_b.stats["remote_refreshes"] == 1)
+        await eventually(lambda: node_b.stats["remote_refreshes"] == 1)
         (seen,) = node_b.lookup(aor)
         assert (seen.expires_at, seen.cseq, seen.received_at, seen.call_id, seen.source) == (
             fresh.expires_at, fresh.cseq, fresh.received_at, fresh.call_id, fresh.source)
@@ -470,12 +471,12 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
         moved = Binding(aor, "sip:i@1", Peer("UDP", "192.0.2.77", 4000), fresh.expires_at,
                         call_id=fresh.call_id, cseq=fresh.cseq + 1)
         await node_a.update(aor, lambda cur: BindingChange((moved,), refreshed=(moved,)))
-        await _until(lambda: node_b.stats["remote_changes"] == 4)
+        await eventually(lambda: node_b.stats["remote_changes"] == 4)
         assert node_b.lookup(aor)[0].as_dict(0) == moved.as_dict(0)
         assert node_b.stats["reloads"] == reloads and len(reloaded_b) == 3
         # A notification that cannot be read is not guessed at: the AoR is re-read.
         node_b._on_notify(None, 0, LocationService.CHANNEL, f"{aor}\tD\t[not json")
-        await _until(lambda: node_b.stats["reloads"] == reloads + 1)
+        await eventually(lambda: node_b.stats["reloads"] == reloads + 1)
         (reread,) = node_b.lookup(aor)
         assert (reread.contact, reread.source, reread.cseq) == (
             moved.contact, moved.source, moved.cseq)
@@ -483,10 +484,10 @@ async def test_other_node_learns_changes_by_notify(db_dsn: str, clean: None) -> 
         bad_path = json.dumps([[], [[aor, "sip:i@9", "UDP", "192.0.2.9", 5060, 9e9, 1.0,
                                      "c", 1, "<sip:a;lr>,<sip:b;lr", "", None, None, 0]]])
         node_b._on_notify(None, 0, LocationService.CHANNEL, f"{aor}\tD\t{bad_path}")
-        await _until(lambda: node_b.stats["reloads"] == reloads + 2)
+        await eventually(lambda: node_b.stats["reloads"] == reloads + 2)
         assert [x.contact for x in node_b.lookup(aor)] == [moved.contact]
         await node_b.remove(aor)
-        await _until(lambda: node_a.lookup(aor) == ())
+        await eventually(lambda: node_a.lookup(aor) == ())
         assert [(e.aor, e.bindings) for e in reloaded_a] == [(aor, ())]
     finally:
         await node_a.close()
@@ -532,21 +533,21 @@ async def test_changes_missed_while_not_listening_are_reloaded(db_dsn: str, clea
         async with pool_a.acquire() as conn:
             await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
-        await _until(lambda: gate.refused > 0)
+        await eventually(lambda: gate.refused > 0)
         assert not node_b.listening
         await node_a.update(goes, lambda cur: BindingChange((), removed=cur, remove_all=True))
         await node_a.update(comes, add(binding(comes, "sip:c@1")))
         await asyncio.sleep(0.1)
         assert len(node_b.lookup(goes)) == 1 and not node_b.lookup(comes)  # not heard
         gate.refuse = False  # it retries by itself
-        await _until(lambda: node_b.listening, timeout=10.0)
+        await eventually(lambda: node_b.listening, timeout=10.0)
         assert node_b.stats["resyncs"] == 1
         assert not node_b.lookup(goes)
         assert [b.contact for b in node_b.lookup(comes)] == ["sip:c@1"]
         assert [b.contact for b in node_b.lookup(stays)] == ["sip:s@1"]
         # And the new connection hears what happens next.
         await node_a.update(stays, lambda cur: BindingChange((), removed=cur, remove_all=True))
-        await _until(lambda: not node_b.lookup(stays))
+        await eventually(lambda: not node_b.lookup(stays))
     finally:
         await node_a.close()
         await node_b.close()
@@ -554,12 +555,6 @@ async def test_changes_missed_while_not_listening_are_reloaded(db_dsn: str, clea
         await pool_a.close()
         await pool_b.close()
 
-
-async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_refresh_changes_no_indexed_column(db_pool: asyncpg.Pool) -> None:

@@ -4,12 +4,12 @@ PostgreSQL; the owners' re-reads are tested with the owners (location, subscribe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 import asyncpg
 import pytest
 
 from sipcore import pglisten
+from tests.support import eventually
 
 
 async def test_relisten_retries_with_growing_waits_until_an_attempt_succeeds(
@@ -50,13 +50,6 @@ async def test_relisten_gives_up_when_its_owner_stops(monkeypatch: pytest.Monkey
 
 # ------------------------------------------------------------------ the hub, on PostgreSQL
 
-
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _listeners(pool: asyncpg.Pool) -> int:
@@ -110,14 +103,14 @@ async def test_one_connection_listens_for_every_subscription(db_pool: asyncpg.Po
         assert await _listeners(db_pool) == 1
         for owner in owners:
             await db_pool.execute("SELECT pg_notify($1, $1)", owner.channel)
-        await _eventually(lambda: all(o.heard for o in owners), "every notification")
+        await eventually(lambda: all(o.heard for o in owners), "every notification")
         assert [o.heard for o in owners] == [[o.channel] for o in owners]
         # One owner leaves; the others go on hearing theirs.
         first = owners[0].sub
         assert first is not None
         await hub.unsubscribe(first)
         await db_pool.execute("SELECT pg_notify('hub_test_0', 'x'), pg_notify('hub_test_1', 'y')")
-        await _eventually(lambda: len(owners[1].heard) == 2, "the second notification")
+        await eventually(lambda: len(owners[1].heard) == 2, "the second notification")
         assert owners[0].heard == ["hub_test_0"]
     finally:
         await hub.close()
@@ -144,20 +137,20 @@ async def test_a_lost_connection_is_replaced_and_every_owner_re_reads(
         b.failing = 2  # its first two re-reads fail (the database is still coming back)
         await db_pool.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                               "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
-        await _eventually(lambda: a.lost == 1 and b.lost == 1, "the loss told to both")
-        await _eventually(lambda: hub.listening, "listening again")
+        await eventually(lambda: a.lost == 1 and b.lost == 1, "the loss told to both")
+        await eventually(lambda: hub.listening, "listening again")
         # a re-read once; b was retried, with growing waits, without re-running a's.
         assert (a.restored, b.restored, b.failing) == (1, 1, 0)
         assert waits == [0.5, 1.0]
         assert hub.stats == {"lost": 1, "restored": 1}
         assert await _listeners(db_pool) == 1
         await db_pool.execute("SELECT pg_notify('hub_test_a', '1'), pg_notify('hub_test_b', '2')")
-        await _eventually(lambda: a.heard == ["1"] and b.heard == ["2"], "the new connection")
+        await eventually(lambda: a.heard == ["1"] and b.heard == ["2"], "the new connection")
         # A latecomer joins the replaced connection.
         c = _Owner(hub, "hub_test_c")
         await c.subscribe()
         await db_pool.execute("SELECT pg_notify('hub_test_c', '3')")
-        await _eventually(lambda: c.heard == ["3"], "the latecomer's notification")
+        await eventually(lambda: c.heard == ["3"], "the latecomer's notification")
         assert await _listeners(db_pool) == 1
     finally:
         await hub.close()
@@ -187,7 +180,7 @@ async def test_close_stops_the_re_listening(db_pool: asyncpg.Pool) -> None:
     gate.refuse = True
     await db_pool.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                           "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
-    await _eventually(lambda: gate.refused > 0, "a refused attempt")
+    await eventually(lambda: gate.refused > 0, "a refused attempt")
     assert not hub.connected and not hub.listening and owner.lost == 1
     await hub.close()
     refused = gate.refused

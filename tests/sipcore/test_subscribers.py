@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Callable, Generator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 import asyncpg
@@ -22,6 +22,7 @@ from sipcore.subscribers import (
     derive_secrets,
     pack_secrets,
 )
+from tests.support import eventually
 
 
 @pytest.fixture
@@ -138,13 +139,6 @@ async def test_a_domain_in_capitals_gets_the_secrets_of_its_stored_form(
     assert fetched is not None and fetched.ha1_md5 == added.ha1_md5
 
 
-async def _eventually(condition: Callable[[], bool], what: str) -> None:
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
-
 
 class RefusingListen:
     """The real pool, except that a connection taken to LISTEN on (``await acquire()``)
@@ -211,8 +205,8 @@ async def test_a_lost_listen_connection_re_reads_the_cache_once_it_listens_again
         async with db_pool.acquire() as conn:
             await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
-        await _eventually(lambda: other.stats["listen_lost"] == 1, "the lost connection")
-        await _eventually(lambda: gate.refused > 0, "a refused LISTEN")
+        await eventually(lambda: other.stats["listen_lost"] == 1, "the lost connection")
+        await eventually(lambda: gate.refused > 0, "a refused LISTEN")
         assert not other.listening
         # Meanwhile (in a database outage, say) what is cached still answers; nothing new is
         # stored.
@@ -220,12 +214,12 @@ async def test_a_lost_listen_connection_re_reads_the_cache_once_it_listens_again
         assert await other.get("1003", "example.com") is None
         assert other.exists_cached("1003", "example.com") is None
         gate.refuse = False  # it retries by itself
-        await _eventually(lambda: other.listening, "listening again")
+        await eventually(lambda: other.listening, "listening again")
         sub = await other.get("1002", "example.com")
         assert sub is not None and sub.ha1_md5 == new[0]
         assert other.exists_cached("1002", "example.com")
         await store.set_password("1002", "example.com", "pw3")
-        await _eventually(lambda: other.exists_cached("1002", "example.com") is None,
+        await eventually(lambda: other.exists_cached("1002", "example.com") is None,
                           "the notification on the new connection")
     finally:
         await other.close()
@@ -308,11 +302,11 @@ async def test_the_cache_keeps_answering_until_the_database_can_re_read_it(
         async with db_pool.acquire() as conn:
             await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                                "WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()")
-        await _eventually(lambda: flaky.refused_queries > 0, "a failed re-read")
+        await eventually(lambda: flaky.refused_queries > 0, "a failed re-read")
         assert not other.listening
         assert other.peek("1004", "example.com") == cached
         flaky.refuse_queries = False  # the database is back
-        await _eventually(lambda: other.listening, "listening again")
+        await eventually(lambda: other.listening, "listening again")
         assert other.peek("1004", "example.com") == cached
     finally:
         await other.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ from sipcore import proxy, uac, workers
 from sipcore.message import Request, parse_message
 from sipcore.transport_types import Peer
 from sipcore.workers import WorkerChannel, owner_of, set_worker, socket_path
+from tests.support import eventually
 
 
 @pytest.fixture(autouse=True)
@@ -158,12 +158,6 @@ class Tcp:
         self.sent.append((data, peer))
 
 
-async def _until(cond: object, timeout: float = 2.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.005)
-
 
 async def test_channel_hands_messages_to_their_owner_and_tcp_to_worker_0() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="sbw-test-"))
@@ -182,7 +176,7 @@ async def test_channel_hands_messages_to_their_owner_and_tcp_to_worker_0() -> No
         assert not chans[1].divert(owned_by_1, phone, False)  # already the owner
         assert not chans[0].divert(request("INVITE", "sip:1002@localhost"), phone, False)
         assert chans[0].divert(request("ACK", "sip:b@h", "Route: <sip:h;lr;sbw=1>"), v6, True)
-        await _until(lambda: len(sinks[1].received) == 2)
+        await eventually(lambda: len(sinks[1].received) == 2)
         assert sinks[1].received[0] == (owned_by_1, phone, False)
         assert sinks[1].received[1][1:] == (v6, True)
         assert chans[0].stats["diverted"] == 2 and chans[0].diverted_to == {1: 2}
@@ -190,7 +184,7 @@ async def test_channel_hands_messages_to_their_owner_and_tcp_to_worker_0() -> No
         # Worker 1 sends over TCP through worker 0; a failure comes back to worker 1.
         chans[1].send_tcp(b"BYE ...", Peer("TCP", "10.0.0.8", 5062))
         chans[1].send_tcp(b"BYE ...", Peer("TCP", "10.0.0.8", 9))
-        await _until(lambda: len(tcp.sent) == 1 and len(sinks[1].failed) == 1)
+        await eventually(lambda: len(tcp.sent) == 1 and len(sinks[1].failed) == 1)
         assert tcp.sent[0] == (b"BYE ...", Peer("TCP", "10.0.0.8", 5062))
         assert sinks[1].failed == [Peer("TCP", "10.0.0.8", 9)]
 
