@@ -231,7 +231,9 @@ class SipbillServer(Server):
     MODULES = ("billing", "msilo", "presence", "clicktodial")
 
     def __init__(self, workdir: Path, n_users: int, dsn: str | None, workers: int,
-                 core_only: bool = False) -> None:
+                 core_only: bool = False, launch: bool = True) -> None:
+        """``launch=False``: provision the database and write nothing else; the caller runs
+        the server from :meth:`config` itself (bench/register_cpu.py runs it in-process)."""
         self.name = ("sipbill" + (" core only" if core_only else "")
                      + (f" ({workers} workers)" if workers > 1 else ""))
         self.workdir = workdir
@@ -254,7 +256,8 @@ class SipbillServer(Server):
             parts = urlsplit(self.admin_dsn)
             self.dsn = urlunsplit(parts._replace(path="/" + self.dbname))
             asyncio.run(self._provision(all_subscribers(n_users)))
-            self._start()
+            if launch:
+                self._start()
         except BaseException:
             self.stop()  # no PostgreSQL or database left behind
             raise
