@@ -21,7 +21,15 @@ reading the nonces, the digests), measured around it:
   returns (stateless challenges, no task, no await);
 * ``200 leg``: the rest, including the event-loop turns that wait for the location commit.
 
-Each row is the best (lowest) of ``--rounds`` rounds of ``--pairs`` pairs.
+Each row is the best (lowest) of ``--rounds`` rounds of ``--pairs`` pairs.  Rounds of one run
+agree within a few percent; runs minutes apart on this VM still differ by up to ~15 %.
+
+``--instructions`` counts instead of timing, with no noise at all: it runs this benchmark
+twice under ``valgrind --tool=callgrind`` (640 and 2,560 pairs after the same warm-up, 64 in
+flight) and prints the difference of the two programs' instruction counts per pair: the
+instructions one more REGISTER pair costs the server process, start-up excluded (the
+client's share, building and answering the requests, is in it too: about 2 %).  Two runs
+of the same code agree within 0.1 %, so a change of 1 % shows.  About two minutes.
 
 Run: ``.venv/bin/python bench/register_cpu.py`` (about a minute).
 """
@@ -34,6 +42,7 @@ import gc
 import hashlib
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -46,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import sip_load
 
 from sipbill.app import Application, tune_gc
+from sipbill.modules import register_module_settings
 from sipbill.settings import load_settings
 from sipcore.transport_types import Peer
 
@@ -167,11 +177,15 @@ class Driver:
 
 
 async def measure(args: argparse.Namespace, settings_path: Path) -> list[tuple[int, Round]]:
+    register_module_settings()  # as `sipbill serve` does: the modules' sections
     app = Application(load_settings(settings_path))
     await app.start()
     tune_gc()
     app.gc_pacer.start()
     try:
+        assert app.ctx is not None
+        started = [m for m in sip_load.SipbillServer.MODULES if m in app.ctx.services]
+        print(f"modules: {', '.join(started) or 'none'}", file=sys.stderr, flush=True)
         driver = Driver(app, Client(sip_load.load_users(args.users)))
         await driver.run(args.warmup, 16)  # every user registered, caches warm
         results = []
@@ -196,6 +210,37 @@ async def measure(args: argparse.Namespace, settings_path: Path) -> list[tuple[i
         gc.collect()
 
 
+_COLLECTED = re.compile(r"Collected : (\d+)")
+_COUNTED_PAIRS = (640, 2560)
+
+
+def count_instructions(args: argparse.Namespace) -> int:
+    """``--instructions``: this benchmark under callgrind for two pair counts."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (Debian: apt-get install valgrind)")
+    totals = []
+    for pairs in _COUNTED_PAIRS:
+        with tempfile.TemporaryDirectory(prefix="register-cpu-cg-") as tmp:
+            cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/out",
+                   sys.executable, __file__, "--pairs", str(pairs), "--rounds", "1",
+                   "--batch", "64", "--warmup", "640", "--users", str(args.users)]
+            if args.core_only:
+                cmd.append("--core-only")
+            if args.dsn:
+                cmd += ["--dsn", args.dsn]
+            run = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        found = _COLLECTED.findall(run.stderr)
+        if run.returncode != 0 or not found:
+            raise SystemExit(f"callgrind run failed ({run.returncode}):\n{run.stderr[-3000:]}")
+        totals.append(int(found[-1]))
+        print(f"{pairs} pairs: {totals[-1]:,} instructions", file=sys.stderr, flush=True)
+    per_pair = (totals[1] - totals[0]) / (_COUNTED_PAIRS[1] - _COUNTED_PAIRS[0])
+    what = "core only" if args.core_only else "all modules"
+    print(f"\nREGISTER 401+200 in-process ({what}, 64 in flight): "
+          f"{per_pair:,.0f} instructions per pair (callgrind, start-up excluded)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=20_000, help="REGISTER pairs per round")
@@ -208,7 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="without the modules (billing, msilo, presence, clicktodial)")
     ap.add_argument("--dsn", help="PostgreSQL server (default: an embedded one)")
     ap.add_argument("--profile", help="also write a cProfile of one more round here")
+    ap.add_argument("--instructions", action="store_true",
+                    help="count instructions per pair under callgrind instead of timing")
     args = ap.parse_args(argv)
+    if args.instructions:
+        return count_instructions(args)
     workdir = Path(tempfile.mkdtemp(prefix="register-cpu-"))
     srv = sip_load.SipbillServer(workdir, args.users, args.dsn, 1, core_only=args.core_only,
                                  launch=False)
