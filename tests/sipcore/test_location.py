@@ -186,6 +186,36 @@ async def test_updates_of_one_aor_are_serialised(location: LocationService) -> N
     ]
 
 
+async def test_a_cancelled_update_still_holds_back_the_next_one_until_it_is_written(
+    db_pool: asyncpg.Pool, bus: EventBus, clean: None
+) -> None:
+    # A REGISTER whose task is cancelled while its change waits for the flush (a server
+    # shutting down, a caller's timeout) does not take the change back: it is queued and
+    # will be written.  The next update of the AoR must plan against it, so it waits for
+    # that write as it would for one whose caller is still waiting.
+    service = LocationService(db_pool, bus, flush_delay=0.2)
+    try:
+        aor = "sip:erin@example.com"
+        first = asyncio.create_task(service.update(aor, add(binding(aor, "sip:e@1"))))
+        await eventually(lambda: service.busy(aor), "the first change to be queued")
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        seen: list[tuple[str, ...]] = []
+
+        def second(current: tuple[Binding, ...]) -> BindingChange:
+            seen.append(tuple(b.contact for b in current))
+            b = binding(aor, "sip:e@2")
+            return BindingChange((*current, b), added=(b,))
+
+        await service.update(aor, second)
+        assert seen == [("sip:e@1",)]
+        assert sorted(b.contact for b in service.lookup(aor)) == ["sip:e@1", "sip:e@2"]
+        assert await db_rows(db_pool, aor) == ["sip:e@1", "sip:e@2"]
+    finally:
+        await service.close()
+
+
 async def test_remove_emits_and_deletes_every_row(
     location: LocationService, db_pool: asyncpg.Pool, bus: EventBus
 ) -> None:
