@@ -316,7 +316,7 @@ Plan = Callable[[tuple[Binding, ...]], BindingChange | None]
 class _Op:
     """One AoR's queued write: a committed-on-success change, or expired rows to delete."""
 
-    __slots__ = ("aor", "change", "done", "expired")
+    __slots__ = ("aor", "change", "done", "expired", "waiter")
 
     def __init__(
         self,
@@ -324,11 +324,28 @@ class _Op:
         change: BindingChange | None,
         expired: tuple[Binding, ...],
         done: asyncio.Future[None],
+        waiter: asyncio.Future[None] | None = None,
     ) -> None:
         self.aor = aor
         self.change = change
         self.expired = expired
+        #: Set when the write is over, either way (never an exception): the AoR's in-flight
+        #: marker, which the next update or reload of the AoR waits for.
         self.done = done
+        #: The updating caller's own future (result, or LocationWriteError).  Cancelling the
+        #: caller cancels only this, so the marker still holds the next update back until
+        #: the queued change is written.
+        self.waiter = waiter
+
+    def finish(self, error: BaseException | None = None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            if error is None:
+                waiter.set_result(None)
+            else:
+                waiter.set_exception(error)
 
 
 # All writes of one flush in one statement: one round trip, one implicit transaction.  The
@@ -554,10 +571,10 @@ class LocationService:
             raise ValueError("remove_all cannot be combined with added or refreshed bindings")
         if self._closed:
             raise LocationWriteError("location service is closed")
-        done: asyncio.Future[None] = self._running_loop().create_future()
-        self._enqueue(_Op(aor, change, (), done))
-        # Shielded: a cancelled REGISTER must not cancel the marker other waiters watch.
-        await asyncio.shield(done)
+        loop = self._running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._enqueue(_Op(aor, change, (), loop.create_future(), waiter))
+        await waiter
         return change
 
     async def remove(self, aor: str) -> int:
@@ -695,8 +712,7 @@ class LocationService:
                 self._install(op.aor, op.change.bindings)
             if self._inflight.get(op.aor) is op.done:
                 del self._inflight[op.aor]
-            if not op.done.done():
-                op.done.set_result(None)
+            op.finish()
             for b in op.expired:
                 # Only the node whose DELETE removed the row raises the event.
                 if (op.aor, b.contact) in deleted:
@@ -713,10 +729,9 @@ class LocationService:
                 # reader ignores and start-up deletes.  Listeners still need to hear of it.
                 for b in op.expired:
                     self.bus.emit(ContactExpired(op.aor, b))
-                if not op.done.done():
-                    op.done.set_result(None)
-            elif not op.done.done():
-                op.done.set_exception(error)
+                op.finish()
+            else:
+                op.finish(error)
 
     # ------------------------------------------------------------------------- memory
     def _install(self, aor: str, bindings: tuple[Binding, ...]) -> None:
