@@ -302,11 +302,18 @@ class BindingChange:
     def changed(self) -> bool:
         return bool(self.added or self.refreshed or self.removed or self.remove_all)
 
-    def events(self, aor: str) -> list[LocationEvent]:
-        """The events this change raises, removals first."""
-        out: list[LocationEvent] = [ContactRemoved(aor, b) for b in self.removed]
-        out.extend(ContactRegistered(aor, b) for b in self.added)
-        out.extend(ContactRefreshed(aor, b) for b in self.refreshed)
+    def events(self, aor: str,
+               wanted: Callable[[type[Any]], bool] | None = None) -> list[LocationEvent]:
+        """The events this change raises, removals first; with ``wanted`` (e.g.
+        :meth:`EventBus.listens`) only those of the kinds it accepts, so a refresh builds no
+        ContactRefreshed that nobody listens to."""
+        out: list[LocationEvent] = []
+        if self.removed and (wanted is None or wanted(ContactRemoved)):
+            out += [ContactRemoved(aor, b) for b in self.removed]
+        if self.added and (wanted is None or wanted(ContactRegistered)):
+            out += [ContactRegistered(aor, b) for b in self.added]
+        if self.refreshed and (wanted is None or wanted(ContactRefreshed)):
+            out += [ContactRefreshed(aor, b) for b in self.refreshed]
         return out
 
 
@@ -588,7 +595,7 @@ class LocationService:
             return BindingChange((), removed=current, remove_all=True)
 
         change = await self.update(aor, plan)
-        for event in change.events(aor):
+        for event in change.events(aor, self.bus.listens):
             self.bus.emit(event)
         return len(change.removed)
 

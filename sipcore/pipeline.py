@@ -199,6 +199,11 @@ class EventBus:
     def subscribe(self, event_type: type[E], listener: Callable[[E], Any]) -> None:
         self._listeners.setdefault(event_type, []).append(listener)
 
+    def listens(self, event_type: type[Any]) -> bool:
+        """Whether anyone subscribed to ``event_type`` (an event nobody hears need not be
+        built)."""
+        return event_type in self._listeners
+
     def emit(self, event: object) -> None:
         for listener in self._listeners.get(type(event), ()):
             try:

@@ -394,7 +394,7 @@ class Registrar:
         # After the answer, so that listeners (msilo delivering stored messages) act on a
         # phone that already knows it is registered.
         bus = self.location.bus
-        for event in change.events(aor):
+        for event in change.events(aor, bus.listens):
             bus.emit(event)
         return True
 

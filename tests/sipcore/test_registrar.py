@@ -15,6 +15,7 @@ import asyncpg
 import pytest
 
 from sipcore.location import (
+    BindingChange,
     ContactExpired,
     ContactRefreshed,
     ContactRegistered,
@@ -124,6 +125,22 @@ async def test_refresh_keeps_one_binding_and_emits_refreshed(
     (b,) = location.lookup(AOR)
     assert b.cseq == 2
     assert events.kinds() == ["ContactRegistered", "ContactRefreshed"]
+
+
+async def test_only_events_someone_listens_to_are_built(
+    registrar: Registrar, location: LocationService, bus: EventBus
+) -> None:
+    registered: list[ContactRegistered] = []
+    bus.subscribe(ContactRegistered, registered.append)
+    assert bus.listens(ContactRegistered) and not bus.listens(ContactRefreshed)
+    await send(registrar, register("alice", ["<sip:a@1>"], cseq=1, expires=300))
+    await send(registrar, register("alice", ["<sip:a@1>", "<sip:a@2>"], cseq=2))
+    assert [e.binding.contact for e in registered] == ["sip:a@1", "sip:a@2"]
+    # The second REGISTER refreshed sip:a@1 too: that event is only built when asked for.
+    change = BindingChange(location.lookup(AOR), added=location.lookup(AOR)[1:],
+                           refreshed=location.lookup(AOR)[:1])
+    assert [type(e) for e in change.events(AOR, bus.listens)] == [ContactRegistered]
+    assert [type(e) for e in change.events(AOR)] == [ContactRegistered, ContactRefreshed]
 
 
 async def test_several_contacts_with_q_values_all_listed(
