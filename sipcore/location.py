@@ -555,6 +555,12 @@ class LocationService:
         # in-flight marker instead woke every queued REGISTER of the AoR on each commit.
         entry = self._aor_locks.get(aor)
         if entry is None:
+            if aor not in self._inflight:
+                # Nobody holds, awaits or writes this AoR (most REGISTERs): plan now. The plan
+                # and the queueing of its write run without a pause, and from then on the
+                # write's in-flight marker makes the next update take the lock below and
+                # wait for it, so the lock need not exist until a second update arrives.
+                return await self._update_locked(aor, plan)
             entry = self._aor_locks[aor] = _AorLock()
         entry.users += 1
         try:

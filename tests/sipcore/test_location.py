@@ -171,19 +171,25 @@ async def test_concurrent_updates_share_one_flush(
 
 async def test_updates_of_one_aor_are_serialised(location: LocationService) -> None:
     aor = "sip:bob@example.com"
+    planned: list[tuple[str, int]] = []
 
     def adder(contact: str) -> Plan:
         def plan(current: tuple[Binding, ...]) -> BindingChange:
+            planned.append((contact, len(current)))
             b = binding(aor, contact)
             return BindingChange((*current, b), added=(b,))
 
         return plan
 
-    await asyncio.gather(*(location.update(aor, adder(f"sip:bob@10.0.0.{i}")) for i in range(5)))
-    # Each plan saw the result of the one before: nothing was lost.
-    assert sorted(b.contact for b in location.lookup(aor)) == [
-        f"sip:bob@10.0.0.{i}" for i in range(5)
-    ]
+    for _ in range(2):  # the second round starts with the AoR's lock gone again
+        start = len(location.lookup(aor))
+        contacts = [f"sip:bob@10.0.{start}.{i}" for i in range(5)]
+        await asyncio.gather(*(location.update(aor, adder(c)) for c in contacts))
+        # In arrival order, each plan seeing the committed result of the one before (the
+        # first runs at once, the others queue behind its write): nothing was lost.
+        assert planned[-5:] == [(c, start + i) for i, c in enumerate(contacts)]
+        assert not location._aor_locks
+    assert len(location.lookup(aor)) == 10
 
 
 async def test_a_cancelled_update_still_holds_back_the_next_one_until_it_is_written(
