@@ -26,9 +26,11 @@ it (:class:`LocationWriteError`; the registrar answers 500) and leaves memory as
 
 *One change per AoR at a time.*  A planned change holds its AoR until its flush completed
 (``_inflight``); a second REGISTER for the same AoR waits for it and then plans against the
-result.  This is what lets a plan read memory without a lock, keeps an AoR's rows out of two
-sub-statements of one flush (PostgreSQL leaves the order of two modifications of one row in a
-statement undefined) and keeps replies in CSeq order.
+result (later ones queue in arrival order behind a per-AoR lock, which exists only while an
+AoR has more than one update; the first plans at once).  This is what lets a plan read
+memory without a lock, keeps an AoR's rows out of two sub-statements of one flush
+(PostgreSQL leaves the order of two modifications of one row in a statement undefined) and
+keeps replies in CSeq order.
 
 *Expiry* uses a heap of ``(time, aor, contact)`` for the bindings due within a horizon a
 minute or two ahead, and one ``call_later`` at the earliest entry.  Each binding's ``_sched``
