@@ -17,14 +17,59 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncpg
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = REPO / "sipp-scenarios"
 SIPBILL = str(Path(sys.executable).parent / "sipbill")
+
+
+class RefusingPool:
+    """A real asyncpg pool, except that a connection taken to LISTEN on (``await
+    acquire()``, as :class:`sipcore.pglisten.NotifyHub` does) fails while ``refuse`` is set,
+    and one taken for a query (``async with acquire()``) while ``refuse_queries`` is: a
+    database that is down, for one kind of use or both."""
+
+    def __init__(self, pool: asyncpg.Pool, *, refuse: bool = True,
+                 refuse_queries: bool = False) -> None:
+        self.pool = pool
+        self.refuse = refuse
+        self.refused = 0
+        self.refuse_queries = refuse_queries
+        self.refused_queries = 0
+
+    def acquire(self) -> object:
+        outer = self
+
+        class Acquire:
+            def __init__(self) -> None:
+                self.cm = outer.pool.acquire()
+
+            def __await__(self) -> Generator[Any, None, object]:
+                if outer.refuse:
+                    outer.refused += 1
+                    raise ConnectionRefusedError("LISTEN refused (test)")
+                return self.cm.__await__()
+
+            async def __aenter__(self) -> object:
+                if outer.refuse_queries:
+                    outer.refused_queries += 1
+                    raise ConnectionRefusedError("database unreachable (test)")
+                return await self.cm.__aenter__()
+
+            async def __aexit__(self, *exc: object) -> None:
+                await self.cm.__aexit__(*exc)
+
+        return Acquire()
+
+    async def release(self, conn: object) -> None:
+        await self.pool.release(conn)  # type: ignore[arg-type]
 
 
 async def eventually(condition: Callable[[], object], what: str = "the condition",

@@ -27,7 +27,7 @@ from sipcore.pglisten import NotifyHub
 from sipcore.pipeline import EventBus
 from sipcore.transport_types import Peer
 from sipcore.uri import parse_uri
-from tests.support import eventually
+from tests.support import RefusingPool, eventually
 
 SOURCE = Peer("UDP", "198.51.100.7", 40123)
 
@@ -540,20 +540,7 @@ async def test_changes_missed_while_not_listening_are_reloaded(db_dsn: str, clea
     pool_b = await asyncpg.create_pool(db_dsn, min_size=1, max_size=3)
     assert pool_a is not None and pool_b is not None
 
-    class Gate:
-        refuse = False
-        refused = 0
-
-        def acquire(self) -> object:
-            if self.refuse:
-                self.refused += 1
-                raise ConnectionRefusedError("LISTEN refused (test)")
-            return pool_b.acquire()  # type: ignore[union-attr]
-
-        async def release(self, conn: object) -> None:
-            await pool_b.release(conn)  # type: ignore[union-attr, arg-type]
-
-    gate = Gate()
+    gate = RefusingPool(pool_b, refuse=False)
     hub_b = NotifyHub(gate, "node_b")  # type: ignore[arg-type]
     node_a, node_b = LocationService(pool_a, EventBus()), LocationService(pool_b, EventBus())
     try:

@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from sipcore import pglisten
-from tests.support import eventually
+from tests.support import RefusingPool, eventually
 
 
 async def test_relisten_retries_with_growing_waits_until_an_attempt_succeeds(
@@ -158,22 +158,7 @@ async def test_a_lost_connection_is_replaced_and_every_owner_re_reads(
 
 
 async def test_close_stops_the_re_listening(db_pool: asyncpg.Pool) -> None:
-    class Refusing:
-        """The pool, refusing connections once ``refuse`` is set (a database that is down)."""
-
-        refuse = False
-        refused = 0
-
-        def acquire(self) -> object:
-            if self.refuse:
-                self.refused += 1
-                raise ConnectionRefusedError("down (test)")
-            return db_pool.acquire()
-
-        async def release(self, conn: object) -> None:
-            await db_pool.release(conn)  # type: ignore[arg-type]
-
-    gate = Refusing()
+    gate = RefusingPool(db_pool, refuse=False)
     hub = pglisten.NotifyHub(gate, "test")  # type: ignore[arg-type]
     owner = _Owner(hub, "hub_test_close")
     await owner.subscribe()

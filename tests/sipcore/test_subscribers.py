@@ -7,8 +7,7 @@ import asyncio
 import contextlib
 import hashlib
 import sys
-from collections.abc import AsyncIterator, Generator
-from typing import Any
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -22,7 +21,7 @@ from sipcore.subscribers import (
     derive_secrets,
     pack_secrets,
 )
-from tests.support import eventually
+from tests.support import RefusingPool, eventually
 
 
 @pytest.fixture
@@ -140,52 +139,11 @@ async def test_a_domain_in_capitals_gets_the_secrets_of_its_stored_form(
 
 
 
-class RefusingListen:
-    """The real pool, except that a connection taken to LISTEN on (``await acquire()``)
-    fails while ``refuse`` is set, and one taken for a query (``async with acquire()``)
-    while ``refuse_queries`` is."""
-
-    def __init__(self, pool: asyncpg.Pool, *, refuse: bool = True,
-                 refuse_queries: bool = False) -> None:
-        self.pool = pool
-        self.refuse = refuse
-        self.refused = 0
-        self.refuse_queries = refuse_queries
-        self.refused_queries = 0
-
-    def acquire(self) -> object:
-        outer = self
-
-        class Acquire:
-            def __init__(self) -> None:
-                self.cm = outer.pool.acquire()
-
-            def __await__(self) -> Generator[Any, None, object]:
-                if outer.refuse:
-                    outer.refused += 1
-                    raise ConnectionRefusedError("LISTEN refused (test)")
-                return self.cm.__await__()
-
-            async def __aenter__(self) -> object:
-                if outer.refuse_queries:
-                    outer.refused_queries += 1
-                    raise ConnectionRefusedError("database unreachable (test)")
-                return await self.cm.__aenter__()
-
-            async def __aexit__(self, *exc: object) -> None:
-                await self.cm.__aexit__(*exc)
-
-        return Acquire()
-
-    async def release(self, conn: object) -> None:
-        await self.pool.release(conn)  # type: ignore[arg-type]
-
-
 async def test_a_lost_listen_connection_re_reads_the_cache_once_it_listens_again(
         db_pool: asyncpg.Pool, store: SubscriberStore) -> None:
     await store.add("1002", "example.com", "pw1")
     other = SubscriberStore(db_pool)
-    gate = RefusingListen(db_pool, refuse=False)
+    gate = RefusingPool(db_pool, refuse=False)
     hub = NotifyHub(gate)  # type: ignore[arg-type]
     await other.listen(hub)
     try:
@@ -278,7 +236,7 @@ async def test_misses_arriving_together_share_one_query(db_pool: asyncpg.Pool,
     assert await fresh.get("storm7", "example.com") == found[7]
     assert fresh.stats["reads"] == 1
     # A failed query fails every lookup that was waiting for it, and caches nothing.
-    fresh.pool = RefusingListen(db_pool, refuse=False, refuse_queries=True)  # type: ignore[assignment]
+    fresh.pool = RefusingPool(db_pool, refuse=False, refuse_queries=True)  # type: ignore[assignment]
     results = await asyncio.gather(fresh.get("x1", "example.com"), fresh.get("x2", "example.com"),
                                    return_exceptions=True)
     assert all(isinstance(r, ConnectionRefusedError) for r in results), results
@@ -297,7 +255,7 @@ async def test_the_cache_keeps_answering_until_the_database_can_re_read_it(
     try:
         cached = await other.get("1004", "example.com")
         assert cached is not None
-        flaky = RefusingListen(db_pool, refuse=False, refuse_queries=True)
+        flaky = RefusingPool(db_pool, refuse=False, refuse_queries=True)
         other.pool = flaky  # type: ignore[assignment]
         async with db_pool.acquire() as conn:
             await conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
