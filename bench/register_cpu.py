@@ -144,8 +144,10 @@ class Driver:
         client, stack, sent = self.client, self.stack, self.sent
         leg1 = client_cpu = 0.0
         loop = asyncio.get_running_loop()
+        done = 0
         start = time.process_time()
-        for _ in range(0, pairs, batch):
+        while done < pairs:  # whole batches: ``pairs`` rounded up to a multiple of ``batch``
+            done += batch
             c0 = time.process_time()
             numbers = range(self.serial, self.serial + batch)
             self.serial += batch
@@ -173,7 +175,7 @@ class Driver:
             leg1 += c2 - c1
             client_cpu += (c1 - c0) + (c3 - c2)
         total = time.process_time() - start - client_cpu
-        return Round(pairs - pairs % batch or pairs, leg1, total)
+        return Round(done, leg1, total)
 
 
 async def measure(args: argparse.Namespace, settings_path: Path) -> list[tuple[int, Round]]:
