@@ -55,14 +55,13 @@ turns it off.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from collections.abc import Collection, Sequence
 from itertools import accumulate, repeat
 from operator import add, itemgetter, methodcaller
-from pathlib import Path
 from typing import TYPE_CHECKING, Final, cast
 
+from sipcore import accel
 from sipcore.errors import SipParseError
 from sipcore.headers import (
     _CSEQ_VALUE,
@@ -999,22 +998,13 @@ def _index_slow(physical: list[str]) -> tuple[list[str], list[str]]:
 
 def _load_accelerator() -> _Parse | None:
     """``sipcore._fastparse.parse`` when the C accelerator is built from the C source next to
-    this file (its compiled-in SHA-256 matches), else None: the pure-Python parser.
+    this file (:func:`sipcore.accel.load`), else None: the pure-Python parser.
     ``SIPBILL_PURE_PYTHON=1`` forces the pure-Python parser."""
-    if os.environ.get("SIPBILL_PURE_PYTHON"):
+    module = accel.load("_fastparse")
+    if module is None:
         return None
     try:
-        from sipcore import _fastparse
-    except ImportError:
-        return None
-    try:
-        source = Path(__file__).with_name("_fastparse.c").read_bytes()
-    except OSError:
-        source = None  # an installed build without its source
-    if source is not None and hashlib.sha256(source).hexdigest() != _fastparse.SOURCE_HASH:
-        return None  # built from another version of the source: stale
-    try:
-        return _install_accelerator(_fastparse)
+        return _install_accelerator(module)
     except (AttributeError, TypeError):
         return None  # a build that does not fit these classes: run without it
 

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -82,6 +83,27 @@ async def eventually(condition: Callable[[], object], what: str = "the condition
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def compiler_available() -> bool:
+    """Whether this machine can build the C accelerators (setup.py skips them otherwise)."""
+    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    return shutil.which(cc) is not None and headers.is_file()
+
+
+def require_accelerator(name: str, built: bool) -> None:
+    """Fail a test that needs ``sipcore.<name>`` when it is missing or stale although it
+    could be built; skip it where no C compiler exists (the pure-Python code is in use)."""
+    import pytest
+
+    if not built:
+        if compiler_available():
+            pytest.fail(
+                f"sipcore.{name} is missing or stale although a C compiler exists: "
+                "rebuild it (make install, or pip install -e .)"
+            )
+        pytest.skip("no C compiler or Python headers: the pure-Python code is in use")
 
 
 def free_port(kind: int = socket.SOCK_DGRAM) -> int:

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,10 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sipcore.message as message_module
+from sipcore import accel
 from sipcore.errors import SipParseError
 from sipcore.headers import _NAME_CACHE, CSeq, NameAddr, Via
 from sipcore.message import Request, Response, parse_message
 from tests.sipcore.test_message_props import SEEDS, requests
+from tests.support import require_accelerator
 
 ROOT = Path(__file__).resolve().parents[2]
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -96,21 +96,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _compiler_available() -> bool:
-    cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
-    headers = Path(sysconfig.get_paths()["include"], "Python.h")
-    return shutil.which(cc) is not None and headers.is_file()
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _needs_accelerator() -> None:
-    if not message_module.ACCELERATED:
-        if _compiler_available():
-            pytest.fail(
-                "sipcore._fastparse is missing or stale although a C compiler exists: "
-                "rebuild it (make install, or pip install -e .)"
-            )
-        pytest.skip("no C compiler or Python headers: the pure-Python parser is in use")
+    require_accelerator("_fastparse", message_module.ACCELERATED)
 
 
 def _path_result(data: bytes, stream: bool, accelerated: bool) -> Any:
@@ -249,7 +237,7 @@ def test_stale_or_disabled_build_is_not_used(monkeypatch: pytest.MonkeyPatch) ->
         def read_bytes(self) -> bytes:
             return b"/* some other version */"
 
-    monkeypatch.setattr(message_module, "Path", OtherSource)
+    monkeypatch.setattr(accel, "Path", OtherSource)
     assert message_module._load_accelerator() is None
 
 
