@@ -6,8 +6,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install run test lint typecheck bench clean
 
-# setup.py builds the optional C accelerator of the SIP parser: reinstall when it changes.
-$(STAMP): pyproject.toml setup.py sipcore/_fastparse.c
+# setup.py builds the optional C accelerators (parser, UDP sends): reinstall when they change.
+$(STAMP): pyproject.toml setup.py sipcore/_fastparse.c sipcore/_udpsend.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

@@ -12,6 +12,14 @@ connections are closed after ``tcp_idle_timeout``, and a peer that buffers more 
 send to a TCP peer with no connection (a gateway, a contact whose connection dropped) one is
 opened; if that fails the sink hears :meth:`TransportSink.transport_failed`.
 
+UDP sends are queued and go out together once the callbacks the event loop is running now are
+done: on a busy server one wake-up reads a burst of requests, and their responses then leave
+with one ``sendmmsg(2)`` per 64 (the optional C accelerator ``sipcore/_udpsend.c``) instead of
+one ``sendto`` each, and the receiver is woken once for several.  Order is kept; a datagram
+the accelerator cannot or may not send (no build, a full send buffer, an error, an address it
+does not parse) goes through the loop's transport as a single send would, so errors are
+reported the same way.
+
 Several worker processes bind the same UDP port (``SO_REUSEPORT``); the kernel spreads the
 datagrams over them by 4-tuple. Only worker 0 listens on TCP; the others send to TCP peers
 through it (:attr:`Transports.tcp_relay`, see :mod:`sipcore.workers`).
@@ -27,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from sipcore import accel
 from sipcore.errors import SipParseError
 from sipcore.framing import StreamFramer
 from sipcore.transport_types import Peer
@@ -56,20 +65,52 @@ class TransportLimits:
     connect_timeout: float = 5.0
 
 
+#: A queued UDP datagram: (data, host, port, peer, who to tell if it fails; None: the sink).
+#: The first three are what ``_udpsend.sendmany`` reads.
+_Datagram = tuple[bytes, str, int, Peer, "Callable[[], None] | None"]
+_SendMany = Callable[[int, int, list[_Datagram], int], int]
+
+
+def _load_sendmany() -> _SendMany | None:
+    module = accel.load("_udpsend")
+    return None if module is None else cast(_SendMany, module.sendmany)
+
+
+#: ``sendmany(fd, family, queue, start)`` of the C accelerator, or None (one send each).
+_sendmany: _SendMany | None = _load_sendmany()
+
 #: Sources whose Peer a UDP socket remembers: a phone's requests (and every lingering
 #: transaction of them) share one Peer instead of building one per datagram (~2 µs each).
 _PEER_CACHE_SIZE = 8192
 
 
+class _DatagramTransport(Protocol):
+    """What asyncio's and uvloop's datagram transports both have (typeshed's
+    DatagramTransport lacks the write buffer size)."""
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None: ...
+
+    def get_write_buffer_size(self) -> int: ...
+
+    def get_extra_info(self, name: str, default: object = None) -> object: ...
+
+    def close(self) -> None: ...
+
+
 class _UdpProtocol(asyncio.DatagramProtocol):
     def __init__(self, owner: Transports) -> None:
         self.owner = owner
-        self.transport: asyncio.DatagramTransport | None = None
+        self.transport: _DatagramTransport | None = None
+        self.fileno = -1  # the socket the accelerator writes to beside the transport (-1: none)
+        self.family = -1
         self._peers: dict[tuple[str | int, ...], Peer] = {}
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing asyncio's classes.
-        self.transport = cast(asyncio.DatagramTransport, transport)
+        self.transport = cast(_DatagramTransport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.fileno, self.family = sock.fileno(), int(sock.family)
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         owner = self.owner
@@ -160,6 +201,8 @@ class Transports:
         self.loop = loop or asyncio.get_running_loop()
         self.connections: dict[Peer, _TcpConnection] = {}
         self._udp: list[_UdpProtocol] = []
+        self._udp_out: list[_Datagram] = []  # sent by _flush_udp, in this order
+        self._udp_flush: asyncio.Handle | None = None
         self._servers: list[asyncio.Server] = []
         self._connecting: dict[Peer, asyncio.Task[None]] = {}
         # Bytes waiting for a connection, each with who to tell if it fails (None: the sink).
@@ -220,12 +263,9 @@ class Transports:
             if not self._udp or self._udp[0].transport is None:
                 self._failed(peer, on_failure)
                 return
-            try:
-                self._udp[0].transport.sendto(data, (peer.host, peer.port))
-            except OSError:
-                self._failed(peer, on_failure)
-                return
-            self.stats["udp_datagrams_out"] += 1
+            self._udp_out.append((data, peer.host, peer.port, peer, on_failure))
+            if self._udp_flush is None:
+                self._udp_flush = self.loop.call_soon(self._flush_udp)
             return
         if peer.transport != "TCP":
             self._failed(peer, on_failure)
@@ -240,6 +280,38 @@ class Transports:
         self._pending.setdefault(peer, []).append((data, on_failure))
         if peer not in self._connecting:
             self._connecting[peer] = self.loop.create_task(self._connect(peer))
+
+    def _flush_udp(self) -> None:
+        """Send the queued datagrams, in order: runs of them with the accelerator while the
+        transport has nothing buffered, each other one through the transport."""
+        self._udp_flush = None
+        queue, self._udp_out = self._udp_out, []
+        proto = self._udp[0] if self._udp else None
+        transport = proto.transport if proto is not None else None
+        if proto is None or transport is None:
+            for *_, peer, on_failure in queue:
+                self._failed(peer, on_failure)
+            return
+        sendmany = _sendmany if proto.fileno >= 0 else None
+        sent = index = 0
+        end = len(queue)
+        while index < end:
+            # Not past datagrams the transport holds back (EAGAIN): they go first.
+            if sendmany is not None and not transport.get_write_buffer_size():
+                done = sendmany(proto.fileno, proto.family, queue, index)
+                sent += done - index
+                index = done
+                if index == end:
+                    break
+            data, host, port, peer, on_failure = queue[index]
+            index += 1
+            try:
+                transport.sendto(data, (host, port))
+            except (OSError, ValueError):  # ValueError: not an address of the socket's family
+                self._failed(peer, on_failure)
+                continue
+            sent += 1
+        self.stats["udp_datagrams_out"] += sent
 
     async def _connect(self, peer: Peer) -> None:
         try:
@@ -300,6 +372,9 @@ class Transports:
                 conn.transport.close()
         for task in list(self._connecting.values()):
             task.cancel()
+        if self._udp_flush is not None:
+            self._udp_flush.cancel()
+            self._flush_udp()  # what was sent before closing still leaves
         for proto in self._udp:
             if proto.transport is not None:
                 proto.transport.close()
