@@ -377,6 +377,15 @@ class SipMessage:
 
     # ------------------------------------------------------------------ lazy, cached
     @property
+    def one_via(self) -> bool:
+        """Whether the message has a single Via value: one field without a comma (nearly
+        every request from a phone).  Cheaper than ``len(vias) == 1``: parses nothing."""
+        if self._vias is not None:
+            return len(self._vias) == 1
+        first = self._names.index("via")
+        return self._pos["via"] == first and "," not in self._lines[first]
+
+    @property
     def vias(self) -> list[Via]:
         """Every Via value, top first (400 if any is malformed)."""
         if self._vias is None:

@@ -679,6 +679,8 @@ class ProxyCore:
         return n
 
     def _is_loop(self, req: Request) -> bool:
+        if req.one_via:
+            return False  # from the UA itself: nobody forwarded it, so not we
         vias = req.vias
         if len(vias) < 2:
             return False

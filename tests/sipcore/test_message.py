@@ -665,6 +665,23 @@ def test_response_forward_removes_only_the_top_via_value() -> None:
         resp(single).forward()
 
 
+@pytest.mark.parametrize(
+    ("data", "one"),
+    [
+        (INVITE, True),
+        (OK, False),  # two values in one field
+        (OK.replace(b"z9hG4bKp1, ", b"z9hG4bKp1\r\nVia: "), False),  # two fields
+        (OK.replace(b"z9hG4bKp1, ", b"z9hG4bKp1\r\nv: "), False),  # the compact form
+        (OK.replace(b"z9hG4bKp1, ", b"z9hG4bKp1,\r\n "), False),  # folded onto a new line
+    ],
+)
+def test_one_via_agrees_with_the_parsed_vias(data: bytes, one: bool) -> None:
+    msg = parse_message(data)
+    assert msg.one_via is one
+    assert (len(msg.vias) == 1) is one
+    assert msg.one_via is one  # the same once they are parsed
+
+
 def test_stamp_received() -> None:
     msg = req()
     assert msg.stamp_received(Peer("UDP", "192.0.2.99", 5099))
