@@ -9,9 +9,10 @@ with the size caps (MAX_MESSAGE_SIZE, MAX_LINE_LENGTH, MAX_HEADERS) set near the
 own size.  For every message the sanitized build accepts, the result is compared with the
 pure-Python parser's field by field (the snapshot of tests/sipcore/test_fastparse.py:
 fields, every slot, lazy headers, forwarded bytes); messages it declines are the pure path's
-alone.  Worker processes run with ``PYTHONMALLOC=malloc`` so that Python objects, too, are
-in the memory ASan watches, and collect garbage now and then so a reference-count error
-shows up as a use-after-free.
+alone.  Each message is followed by a mutated Authorization value through ``auth_params``,
+compared in the same way with ``digest._parse_auth_header``.  Worker processes run with
+``PYTHONMALLOC=malloc`` so that Python objects, too, are in the memory ASan watches, and
+collect garbage now and then so a reference-count error shows up as a use-after-free.
 
 Run (5 minutes per million messages on 2 idle cores, up to 12 under other load)::
 
@@ -179,7 +180,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import sipcore.message as message_module
     from sipcore.headers import _NAME_CACHE
-    from tests.sipcore.test_fastparse import _path_result
+    from tests.sipcore.test_fastparse import PJSIP_AUTH, SIPP_AUTH, _path_result, _python_auth
 
     spec = importlib.util.spec_from_file_location("sipcore._fastparse", args.module)
     assert spec is not None and spec.loader is not None
@@ -191,6 +192,7 @@ def worker(args: argparse.Namespace) -> None:
     defaults = {name: getattr(message_module, name) for name in limits}
 
     common, torture = seeds()
+    auth_seeds = [SIPP_AUTH.encode(), PJSIP_AUTH.encode()]
     rng = random.Random(f"{args.seed}/{args.worker}")
     crash_fd = os.open(args.crash_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     accepted = differences = 0
@@ -232,6 +234,17 @@ def worker(args: argparse.Namespace) -> None:
         if capped:
             for name in limits:
                 setattr(message_module, name, defaults[name])
+        # An Authorization value through auth_params, against digest._parse_auth_header.
+        value = mutate(rng.choice(auth_seeds), rng).decode("latin-1")
+        os.ftruncate(crash_fd, 0)
+        os.pwrite(crash_fd, value.encode("utf-8", "surrogatepass"), 0)
+        fast_auth = module.auth_params(value)
+        if fast_auth is not None:
+            accepted += 1
+            if fast_auth != _python_auth(value):
+                differences += 1
+                if differences <= MAX_REPORTED:
+                    print("DIFF " + json.dumps({"authorization": value}), flush=True)
         if n % 5000 == 4999:
             gc.collect()
         if n % 100_000 == 99_999:

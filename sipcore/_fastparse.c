@@ -1480,7 +1480,145 @@ known_names(PyObject *module, PyObject *unused)
     return out;
 }
 
+/* auth_params(value) -> (scheme, {name: value}) | None: sipcore.digest._parse_auth_header for
+ * an Authorization / WWW-Authenticate value in the common shape, or None to leave it to the
+ * Python code.  It accepts a subset of what _SCHEME_RE and _PARAM_RE accept: printable ASCII
+ * only (no HTAB, no control, nothing that needs a verdict), no backslash (so no quoted-pair),
+ *   SP* token (SP+ | end)  then  ( [SP,]* token SP* "=" SP* ("[^"]*" | bare) SP* ("," | end) )*
+ *   and trailing [SP,]*,
+ * with bare = [\x21\x23-\x2b\x2d-\x7e]+ and each name (lower-cased) at most once.  Anything
+ * else -- including every malformed value -- is declined, so each error stays Python's. */
+static PyObject *
+auth_params(PyObject *self, PyObject *value)
+{
+    const char *p, *end, *q;
+    Py_ssize_t n;
+    PyObject *params, *scheme, *key, *val, *out;
+    char name[64];
+    if (!PyUnicode_Check(value) || !PyUnicode_IS_ASCII(value)) {
+        Py_RETURN_NONE;
+    }
+    p = (const char *)PyUnicode_DATA(value);
+    n = PyUnicode_GET_LENGTH(value);
+    end = p + n;
+    for (q = p; q < end; q++) {
+        if (*q < 0x20 || *q > 0x7e || *q == '\\') {
+            Py_RETURN_NONE;
+        }
+    }
+    while (p < end && *p == ' ') {
+        p++;
+    }
+    q = span(p, end, C_TOKEN);
+    if (q == p || (q < end && *q != ' ')) {
+        Py_RETURN_NONE;
+    }
+    scheme = PyUnicode_FromStringAndSize(p, q - p);
+    if (scheme == NULL) {
+        return NULL;
+    }
+    params = PyDict_New();
+    if (params == NULL) {
+        Py_DECREF(scheme);
+        return NULL;
+    }
+    p = q;
+    for (;;) {
+        const char *vs, *ve;
+        Py_ssize_t k, len;
+        int r;
+        while (p < end && (*p == ' ' || *p == ',')) {
+            p++;
+        }
+        if (p == end) {
+            break;
+        }
+        q = span(p, end, C_TOKEN);
+        len = q - p;
+        if (len == 0 || len >= (Py_ssize_t)sizeof(name)) {
+            goto decline;
+        }
+        for (k = 0; k < len; k++) {
+            char c = p[k];
+            name[k] = (c >= 'A' && c <= 'Z') ? (char)(c - 'A' + 'a') : c;
+        }
+        p = q;
+        while (p < end && *p == ' ') {
+            p++;
+        }
+        if (p == end || *p != '=') {
+            goto decline;
+        }
+        p++;
+        while (p < end && *p == ' ') {
+            p++;
+        }
+        if (p < end && *p == '"') {
+            vs = ++p;
+            while (p < end && *p != '"') {
+                p++;
+            }
+            if (p == end) {
+                goto decline;
+            }
+            ve = p++;
+        } else {
+            vs = p;
+            while (p < end && *p > ' ' && *p != '"' && *p != ',') {
+                p++;
+            }
+            ve = p;
+            if (ve == vs) {
+                goto decline;
+            }
+        }
+        while (p < end && *p == ' ') {
+            p++;
+        }
+        if (p < end && *p != ',') {
+            goto decline;
+        }
+        key = PyUnicode_FromStringAndSize(name, len);
+        if (key == NULL) {
+            goto error;
+        }
+        r = PyDict_Contains(params, key);
+        if (r != 0) {
+            Py_DECREF(key);
+            if (r < 0) {
+                goto error;
+            }
+            goto decline; /* repeated: Python's error */
+        }
+        val = PyUnicode_FromStringAndSize(vs, ve - vs);
+        if (val == NULL) {
+            Py_DECREF(key);
+            goto error;
+        }
+        r = PyDict_SetItem(params, key, val);
+        Py_DECREF(key);
+        Py_DECREF(val);
+        if (r < 0) {
+            goto error;
+        }
+    }
+    out = PyTuple_Pack(2, scheme, params);
+    Py_DECREF(scheme);
+    Py_DECREF(params);
+    return out;
+decline:
+    Py_DECREF(scheme);
+    Py_DECREF(params);
+    Py_RETURN_NONE;
+error:
+    Py_DECREF(scheme);
+    Py_DECREF(params);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"auth_params", auth_params, METH_O,
+     "auth_params(value) -> (scheme, params) | None: digest._parse_auth_header, or None"},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL,
      "configure(Request, Response, Via, NameAddr, CSeq): the classes parse() builds"},
     {"known_names", known_names, METH_NOARGS,

@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final, Literal
 
+from sipcore import accel
 from sipcore.errors import SipParseError
 
 __all__ = [
@@ -197,6 +198,17 @@ def _bad(reason: str) -> SipParseError:
     return SipParseError(400, reason)
 
 
+def _load_fast_auth() -> Callable[[str], tuple[str, dict[str, str]] | None] | None:
+    module = accel.load("_fastparse")
+    return None if module is None else getattr(module, "auth_params", None)
+
+
+#: The C accelerator's ``auth_params``: this function's result for a value in the common
+#: shape (printable ASCII, no quoted-pair, well formed), None for any other (see
+#: _fastparse.c; tests/sipcore/test_fastparse.py checks the two agree).
+_fast_auth = _load_fast_auth()
+
+
 def _parse_auth_header(value: str, what: str) -> tuple[str, dict[str, str]]:
     """Split ``scheme 1*SP auth-param *("," auth-param)`` into the scheme and its parameters.
 
@@ -204,6 +216,10 @@ def _parse_auth_header(value: str, what: str) -> tuple[str, dict[str, str]]:
     (quoted-pair, RFC 3261 §25.1).  Empty list elements are skipped (RFC 7230 §7 asks
     recipients to accept them); a repeated parameter is an error (RFC 7235 §2.1).
     """
+    if _fast_auth is not None:
+        parsed = _fast_auth(value)
+        if parsed is not None:
+            return parsed
     if _CONTROL_RE.search(value) is not None:
         raise _bad(f"control character in {what}")
     if not value.isascii():

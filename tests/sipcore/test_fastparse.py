@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import sipcore.message as message_module
-from sipcore import accel
+from sipcore import accel, digest
 from sipcore.errors import SipParseError
 from sipcore.headers import _NAME_CACHE, CSeq, NameAddr, Via
 from sipcore.message import Request, Response, parse_message
@@ -680,6 +680,104 @@ def test_splice_declines_odd_arguments() -> None:
     assert splice(b"abc", ()) is None
     assert splice(b"abc", [(0, 1, b"x")] * 100) is None
     assert splice(b"abc" * 100, [(k, k, b"x") for k in range(300)]) == b"xaxbxc" * 100
+
+
+# --------------------------------------------------------------------------- auth_params
+
+
+def _python_auth(value: str) -> tuple[str, dict[str, str]] | str:
+    """digest._parse_auth_header without the accelerator: its result, or its error."""
+    saved = digest._fast_auth
+    digest._fast_auth = None
+    try:
+        return digest._parse_auth_header(value, "credentials")
+    except SipParseError as exc:
+        return f"error: {exc.reason}"
+    finally:
+        digest._fast_auth = saved
+
+
+def _assert_auth_agrees(value: str) -> bool:
+    """The C result equals the Python one wherever C gives one; True when it did."""
+    from sipcore import _fastparse
+
+    fast = _fastparse.auth_params(value)
+    if fast is not None:
+        assert fast == _python_auth(value), value
+        assert list(fast[1]) == list(_python_auth(value)[1])  # the order too
+    return fast is not None
+
+
+SIPP_AUTH = (
+    'Digest username="u1",realm="localhost",uri="sip:127.0.0.1:5060",'
+    'nonce="AAAAAGj3c2EAAAAA1234",response="0123456789abcdef0123456789abcdef",'
+    'algorithm=MD5,cnonce="6b8b4567",qop=auth,nc=00000001'
+)
+PJSIP_AUTH = (
+    'Digest username="1001", realm="localhost", nonce="abc/def+ghi=", '
+    'uri="sip:localhost", response="d41d8cd98f00b204e9800998ecf8427e", algorithm=MD5, '
+    'cnonce="x-y.z", opaque="", qop=auth, nc=00000001'
+)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        SIPP_AUTH,
+        PJSIP_AUTH,
+        "Digest",
+        "  digest   realm = x ,, , nonce=\"a,b=c\" ,",
+        'Digest realm="", nonce=1',
+        'NTLM realm="x"',
+    ],
+)
+def test_common_authorization_values_take_the_fast_path(value: str) -> None:
+    assert _assert_auth_agrees(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        'Digest realm="a\\"b"',  # a quoted-pair
+        'Digest realm="x",\trealm2=y',  # HTAB
+        'Digest realm="caf\u00e9"',  # non-ASCII
+        'Digest realm="x", REALM="y"',  # repeated (an error)
+        'Digest realm="x" nonce="y"',  # no comma (an error)
+        'Digest realm="x',  # unterminated (an error)
+        "Digest realm=",  # no value (an error)
+        "Digest realm=a\"b",  # an error
+        '"Digest" realm=x',  # no scheme (an error)
+        "Digest\x00 realm=x",  # a control character (an error)
+        "Digest " + "n" * 64 + "=1",  # a long name
+        "",
+    ],
+)
+def test_odd_authorization_values_are_left_to_python(value: str) -> None:
+    assert not _assert_auth_agrees(value)
+
+
+_AUTH_SPICE = [
+    " ", ",", "=", '"', "\\", "\t", "Digest ", "realm", "nonce=", "x", "\u00e9", "\x7f",
+    ', qop=auth', 'uri="sip:a@b;c=d"', ",,", "N",
+]
+
+
+@st.composite
+def auth_values(draw: st.DrawFn) -> str:
+    value = draw(st.sampled_from([SIPP_AUTH, PJSIP_AUTH, 'Digest realm="r"']))
+    for _ in range(draw(st.integers(0, 4))):
+        pos = draw(st.integers(0, len(value)))
+        if draw(st.booleans()):
+            value = value[:pos] + draw(st.sampled_from(_AUTH_SPICE)) + value[pos:]
+        else:
+            value = value[:pos] + value[pos + draw(st.integers(1, 8)):]
+    return value
+
+
+@PROPS
+@given(st.one_of(auth_values(), st.text(alphabet=' ,="\\\tazAZ09-~\x00\u00e9', max_size=40)))
+def test_authorization_values_agree(value: str) -> None:
+    _assert_auth_agrees(value)
 
 
 @pytest.mark.parametrize("limit", ["MAX_MESSAGE_SIZE", "MAX_LINE_LENGTH", "MAX_HEADERS"])
