@@ -1480,6 +1480,265 @@ known_names(PyObject *module, PyObject *unused)
     return out;
 }
 
+/* respond(req, status, reason, to_tag, headers, body) -> bytes | None: what
+ * sipcore.message.build_response returns for a request parse() built (or one of its class)
+ * with an ASCII head, or None to leave it to the Python code.  It declines -- so every
+ * ValueError stays Python's -- anything but: status an int, reason / to_tag (or None) /
+ * header names and values ASCII str without CR or LF, header names tokens, headers a list
+ * or tuple of 2-tuples, body bytes, and copied lines ASCII.  When the top Via was rewritten
+ * by stamp_received, its field must hold one value (no comma, quote, "<" or fold), which is
+ * replaced as SipMessage._stamped_via_line does: after the colon and blanks, up to the
+ * trailing blanks. */
+#define R_GROUPS 6 /* via, from, to, call-id, cseq, timestamp (for a 100 only) */
+static const char *const r_group_text[R_GROUPS] = {
+    "via", "from", "to", "call-id", "cseq", "timestamp",
+};
+
+static int
+ascii_eq(PyObject *u, const char *text)
+{
+    size_t n = strlen(text);
+    return PyUnicode_IS_ASCII(u) && (size_t)PyUnicode_GET_LENGTH(u) == n &&
+           memcmp(PyUnicode_DATA(u), text, n) == 0;
+}
+
+/* An ASCII str without CR or LF (what may be written into a header). */
+static int
+clean_text(PyObject *u)
+{
+    const char *p, *end;
+    if (!PyUnicode_CheckExact(u) || !PyUnicode_IS_ASCII(u)) {
+        return 0;
+    }
+    p = (const char *)PyUnicode_DATA(u);
+    end = p + PyUnicode_GET_LENGTH(u);
+    for (; p < end; p++) {
+        if (*p == '\r' || *p == '\n') {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static PyObject *
+respond(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *req, *reason, *to_tag, *headers, *body, *names, *lines, *via_text, *to;
+    PyObject *extra = NULL, *out;
+    Py_ssize_t n_lines, k, size, via_start = 0, via_end = 0, via_line = -1, to_line = -1;
+    Py_ssize_t n_extra, body_len;
+    long status;
+    int groups, add_tag = 0;
+    char head[64], tail[48], *w;
+    int head_len, tail_len;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "respond() takes 6 arguments");
+        return NULL;
+    }
+    if (t_request == NULL) {
+        Py_RETURN_NONE;
+    }
+    req = args[0];
+    reason = args[2];
+    to_tag = args[3];
+    headers = args[4];
+    body = args[5];
+    if (!PyObject_TypeCheck(req, t_request) || !PyLong_CheckExact(args[1]) ||
+        !clean_text(reason) || (to_tag != Py_None && !clean_text(to_tag)) ||
+        !PyBytes_CheckExact(body) || !(PyList_CheckExact(headers) || PyTuple_CheckExact(headers))) {
+        Py_RETURN_NONE;
+    }
+    status = PyLong_AsLong(args[1]);
+    if (status < 100 || status > 699) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    names = *(PyObject **)((char *)req + off_request[M_NAMES]);
+    lines = *(PyObject **)((char *)req + off_request[M_LINES]);
+    via_text = *(PyObject **)((char *)req + off_request[M_TOP_VIA_TEXT]);
+    to = *(PyObject **)((char *)req + off_request[M_TO]);
+    if (names == NULL || lines == NULL || !PyList_CheckExact(names) ||
+        !PyList_CheckExact(lines) || PyList_GET_SIZE(names) != PyList_GET_SIZE(lines) ||
+        to == NULL || !PyObject_TypeCheck(to, t_name_addr)) {
+        Py_RETURN_NONE;
+    }
+    if (via_text != NULL && via_text != Py_None && !clean_text(via_text)) {
+        Py_RETURN_NONE;
+    }
+    if (to_tag != Py_None && status > 100) {
+        PyObject *params = *(PyObject **)((char *)to + off_na[N_PARAMS]);
+        PyObject *tag;
+        if (params == NULL || !PyDict_CheckExact(params)) {
+            Py_RETURN_NONE;
+        }
+        tag = PyDict_GetItemString(params, "tag"); /* borrowed; no error for a str key */
+        add_tag = tag == NULL || tag == Py_None;
+    }
+    groups = status == 100 ? R_GROUPS : R_GROUPS - 1;
+    n_lines = PyList_GET_SIZE(lines);
+
+    /* Sizes first: the status line, the copied lines, the extra headers, Content-Length. */
+    head_len = snprintf(head, sizeof head, "SIP/2.0 %ld ", status);
+    size = head_len + PyUnicode_GET_LENGTH(reason) + 2;
+    for (k = 0; k < n_lines; k++) {
+        PyObject *name = PyList_GET_ITEM(names, k), *line = PyList_GET_ITEM(lines, k);
+        int g;
+        if (!PyUnicode_Check(name)) {
+            Py_RETURN_NONE;
+        }
+        for (g = 0; g < groups; g++) {
+            if (ascii_eq(name, r_group_text[g])) {
+                break;
+            }
+        }
+        if (g == groups) {
+            continue;
+        }
+        if (!PyUnicode_CheckExact(line) || !PyUnicode_IS_ASCII(line)) {
+            Py_RETURN_NONE;
+        }
+        size += PyUnicode_GET_LENGTH(line) + 2;
+        if (g == 0 && via_line < 0) {
+            via_line = k;
+        } else if (g == 2 && to_line < 0) {
+            to_line = k;
+        }
+    }
+    if (via_line < 0 || to_line < 0) {
+        Py_RETURN_NONE;
+    }
+    if (via_text != NULL && via_text != Py_None) {
+        PyObject *line = PyList_GET_ITEM(lines, via_line);
+        const char *p = (const char *)PyUnicode_DATA(line);
+        Py_ssize_t n = PyUnicode_GET_LENGTH(line), c;
+        const char *colon = memchr(p, ':', (size_t)n);
+        for (c = 0; c < n; c++) {
+            if (p[c] == ',' || p[c] == '"' || p[c] == '<' || p[c] == '\r' || p[c] == '\n') {
+                Py_RETURN_NONE;
+            }
+        }
+        if (colon == NULL) {
+            Py_RETURN_NONE;
+        }
+        via_start = colon - p + 1;
+        while (via_start < n && (p[via_start] == ' ' || p[via_start] == '\t')) {
+            via_start++;
+        }
+        via_end = n;
+        while (via_end > via_start && (p[via_end - 1] == ' ' || p[via_end - 1] == '\t')) {
+            via_end--;
+        }
+        if (via_end == via_start) {
+            Py_RETURN_NONE;
+        }
+        size += PyUnicode_GET_LENGTH(via_text) - (via_end - via_start);
+    }
+    if (add_tag) {
+        size += 5 + PyUnicode_GET_LENGTH(to_tag);
+    }
+    extra = PySequence_Fast(headers, "headers");
+    if (extra == NULL) {
+        return NULL;
+    }
+    n_extra = PySequence_Fast_GET_SIZE(extra);
+    for (k = 0; k < n_extra; k++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(extra, k), *name, *value;
+        const char *q;
+        Py_ssize_t len, j;
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) {
+            goto decline;
+        }
+        name = PyTuple_GET_ITEM(item, 0);
+        value = PyTuple_GET_ITEM(item, 1);
+        if (!clean_text(name) || !clean_text(value)) {
+            goto decline;
+        }
+        q = (const char *)PyUnicode_DATA(name);
+        len = PyUnicode_GET_LENGTH(name);
+        if (len == 0) {
+            goto decline;
+        }
+        for (j = 0; j < len; j++) {
+            if (!IS(q[j], C_TOKEN)) {
+                goto decline;
+            }
+        }
+        if ((len == 1 && (q[0] == 'l' || q[0] == 'L')) ||
+            (len == 14 && PyOS_strnicmp(q, "content-length", 14) == 0)) {
+            continue; /* replaced by the real one */
+        }
+        size += len + 2 + PyUnicode_GET_LENGTH(value) + 2;
+    }
+    body_len = PyBytes_GET_SIZE(body);
+    tail_len = snprintf(tail, sizeof tail, "Content-Length: %zd\r\n\r\n", body_len);
+    size += tail_len + body_len;
+
+    out = PyBytes_FromStringAndSize(NULL, size);
+    if (out == NULL) {
+        Py_DECREF(extra);
+        return NULL;
+    }
+    w = PyBytes_AS_STRING(out);
+#define PUT(src, len) (memcpy(w, (src), (size_t)(len)), w += (len))
+#define PUT_STR(u) PUT(PyUnicode_DATA(u), PyUnicode_GET_LENGTH(u))
+    PUT(head, head_len);
+    PUT_STR(reason);
+    PUT("\r\n", 2);
+    {
+        int g;
+        /* The groups in RFC order, each in message order (build_response's by_name). */
+        for (g = 0; g < groups; g++) {
+            for (k = 0; k < n_lines; k++) {
+                PyObject *line = PyList_GET_ITEM(lines, k);
+                if (!ascii_eq(PyList_GET_ITEM(names, k), r_group_text[g])) {
+                    continue;
+                }
+                if (k == via_line && via_text != NULL && via_text != Py_None) {
+                    const char *p = (const char *)PyUnicode_DATA(line);
+                    PUT(p, via_start);
+                    PUT_STR(via_text);
+                    PUT(p + via_end, PyUnicode_GET_LENGTH(line) - via_end);
+                } else {
+                    PUT_STR(line);
+                }
+                if (k == to_line && add_tag) {
+                    PUT(";tag=", 5);
+                    PUT_STR(to_tag);
+                }
+                PUT("\r\n", 2);
+            }
+        }
+    }
+    for (k = 0; k < n_extra; k++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(extra, k);
+        PyObject *name = PyTuple_GET_ITEM(item, 0);
+        const char *q = (const char *)PyUnicode_DATA(name);
+        Py_ssize_t len = PyUnicode_GET_LENGTH(name);
+        if ((len == 1 && (q[0] == 'l' || q[0] == 'L')) ||
+            (len == 14 && PyOS_strnicmp(q, "content-length", 14) == 0)) {
+            continue;
+        }
+        PUT_STR(name);
+        PUT(": ", 2);
+        PUT_STR(PyTuple_GET_ITEM(item, 1));
+        PUT("\r\n", 2);
+    }
+    PUT(tail, tail_len);
+    PUT(PyBytes_AS_STRING(body), body_len);
+#undef PUT_STR
+#undef PUT
+    Py_DECREF(extra);
+    if (w != PyBytes_AS_STRING(out) + size) { /* cannot happen: the sizes above are exact */
+        Py_DECREF(out);
+        PyErr_SetString(PyExc_SystemError, "respond(): size mismatch");
+        return NULL;
+    }
+    return out;
+decline:
+    Py_DECREF(extra);
+    Py_RETURN_NONE;
+}
+
 /* auth_params(value) -> (scheme, {name: value}) | None: sipcore.digest._parse_auth_header for
  * an Authorization / WWW-Authenticate value in the common shape, or None to leave it to the
  * Python code.  It accepts a subset of what _SCHEME_RE and _PARAM_RE accept: printable ASCII
@@ -1626,6 +1885,8 @@ static PyMethodDef methods[] = {
     {"parse", (PyCFunction)(void (*)(void))parse, METH_FASTCALL,
      "parse(data, stream, max_line, max_headers, max_size, name_cache) "
      "-> Request | Response | None"},
+    {"respond", (PyCFunction)(void (*)(void))respond, METH_FASTCALL,
+     "respond(req, status, reason, to_tag, headers, body) -> bytes | None: build_response"},
     {"splice", (PyCFunction)(void (*)(void))splice, METH_FASTCALL,
      "splice(raw, edits) -> bytes | None: SipMessage._splice, or None to do it in Python"},
     {NULL, NULL, 0, NULL},

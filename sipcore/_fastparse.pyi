@@ -1,6 +1,6 @@
 # Stub for the optional C accelerator built from _fastparse.c (see that file and setup.py).
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sipcore.headers import CSeq, NameAddr, Via
 from sipcore.message import Request, Response
@@ -34,3 +34,22 @@ Splice = Callable[[bytes, list[tuple[int, int, bytes]]], bytes | None]
 
 def splice(raw: bytes, edits: list[tuple[int, int, bytes]], /) -> bytes | None: ...
 def known_names() -> dict[str, str]: ...
+
+# respond(req, status, reason, to_tag, headers, body): build_response's bytes, or None to
+# leave it to the Python code.
+Respond = Callable[
+    [Request, int, str, str | None, Sequence[tuple[str, str]], bytes], bytes | None
+]
+
+def respond(
+    req: Request,
+    status: int,
+    reason: str,
+    to_tag: str | None,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    /,
+) -> bytes | None: ...
+
+# auth_params(value): digest._parse_auth_header's result, or None to leave it to that.
+def auth_params(value: str, /) -> tuple[str, dict[str, str]] | None: ...

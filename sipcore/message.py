@@ -99,6 +99,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from sipcore._fastparse import Parse as _Parse
+    from sipcore._fastparse import Respond as _Respond
     from sipcore._fastparse import Splice as _Splice
 
 __all__ = [
@@ -1020,16 +1021,19 @@ def _load_accelerator() -> _Parse | None:
 
 def _install_accelerator(module: ModuleType) -> _Parse:
     """Tell a built ``_fastparse`` module which classes to build (it fills their slots
-    directly), use its ``splice`` for forwarding, and return its ``parse``.
-    bench/fuzz_fastparse.py passes a sanitizer build."""
-    global _fast_splice
+    directly), use its ``splice`` for forwarding and ``respond`` for build_response, and
+    return its ``parse``.  bench/fuzz_fastparse.py passes a sanitizer build."""
+    global _fast_splice, _fast_respond
     module.configure(Request, Response, Via, NameAddr, CSeq)
     _fast_splice = module.splice
+    _fast_respond = module.respond
     return cast("_Parse", module.parse)
 
 
 #: ``_fastparse.splice`` when the accelerator is in use (SipMessage._splice).
 _fast_splice: _Splice | None = None
+#: ``_fastparse.respond`` when the accelerator is in use (build_response).
+_fast_respond: _Respond | None = None
 
 
 _fast_parse = _load_accelerator()
@@ -1146,6 +1150,10 @@ def build_response(
         raise ValueError(f"bad status code {status}")
     if reason is None:
         reason = REASON_PHRASES.get(status, "Unknown")
+    if _fast_respond is not None:
+        data = _fast_respond(req, status, reason, to_tag, headers, body)
+        if data is not None:
+            return data
     _check_text(reason, "reason phrase")
     out = [f"SIP/2.0 {status} {reason}"]
     by_name: dict[str, list[str]] = {"via": [], "from": [], "to": [], "call-id": [], "cseq": []}

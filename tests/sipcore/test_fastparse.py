@@ -13,6 +13,7 @@ see test_pure_python_message_tests), so neither path goes untested whichever is 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -30,6 +31,7 @@ from sipcore import accel, digest
 from sipcore.errors import SipParseError
 from sipcore.headers import _NAME_CACHE, CSeq, NameAddr, Via
 from sipcore.message import Request, Response, parse_message
+from sipcore.transport_types import Peer
 from tests.sipcore.test_message_props import SEEDS, requests
 from tests.support import require_accelerator
 
@@ -680,6 +682,111 @@ def test_splice_declines_odd_arguments() -> None:
     assert splice(b"abc", ()) is None
     assert splice(b"abc", [(0, 1, b"x")] * 100) is None
     assert splice(b"abc" * 100, [(k, k, b"x") for k in range(300)]) == b"xaxbxc" * 100
+
+
+# --------------------------------------------------------------------------- respond
+
+
+def _both_responses(req: Request, *args: Any, **kwargs: Any) -> tuple[object, object]:
+    """build_response with the accelerator's respond and without: bytes or the error."""
+
+    def one() -> object:
+        try:
+            return message_module.build_response(req, *args, **kwargs)
+        except ValueError as exc:
+            return f"ValueError: {exc}"
+
+    fast = one()
+    saved = message_module._fast_respond
+    message_module._fast_respond = None
+    try:
+        return fast, one()
+    finally:
+        message_module._fast_respond = saved
+
+
+def _respond_takes(req: Request, *args: Any, **kwargs: Any) -> bool:
+    """Whether the C respond() gives an answer (rather than leaving it to Python)."""
+    from sipcore import _fastparse
+
+    reason = kwargs.get("reason") or message_module.REASON_PHRASES.get(args[0], "Unknown")
+    return _fastparse.respond(req, args[0], reason, kwargs.get("to_tag"),
+                              kwargs.get("headers", ()), kwargs.get("body", b"")) is not None
+
+
+def test_common_responses_take_the_fast_path() -> None:
+    for data in (INVITE, REGISTER):
+        req = parse_message(data)
+        assert isinstance(req, Request)
+        for stamp in (False, True):
+            if stamp:
+                assert req.stamp_received(Peer("UDP", "192.0.2.7", 5999))
+            for status, to_tag in ((100, None), (180, "t1"), (200, "t2"), (401, "t3")):
+                headers = [("WWW-Authenticate", 'Digest realm="x"'), ("Server", "sipbill")]
+                kwargs: dict[str, Any] = {"to_tag": to_tag, "headers": headers, "body": b"b"}
+                assert _respond_takes(req, status, **kwargs)
+                fast, slow = _both_responses(req, status, **kwargs)
+                assert fast == slow
+
+
+_ODD_TEXT = st.sampled_from(["", "x", "a b", "caf\u00e9", "a\r\nX: y", "\t", "l", "L",
+                             "Content-Length", "content-LENGTH", "X Y", "X:", "<>", ","])
+
+
+@st.composite
+def response_cases(draw: st.DrawFn) -> tuple[Request, dict[str, Any]]:
+    data = draw(st.one_of(st.sampled_from(COMMON), mutated_common(), common_requests()))
+    try:
+        req = parse_message(data)
+    except SipParseError:
+        req = parse_message(REGISTER)
+    if not isinstance(req, Request):
+        req = parse_message(INVITE)
+    assert isinstance(req, Request)
+    if draw(st.booleans()):
+        with contextlib.suppress(SipParseError):
+            req.stamp_received(Peer("UDP", draw(st.sampled_from(["192.0.2.1", "::1"])), 5070))
+    names = st.one_of(_ODD_TEXT, st.sampled_from(["Server", "Contact", "WWW-Authenticate"]))
+    case: dict[str, Any] = {
+        "status": draw(st.sampled_from([100, 180, 200, 401, 486, 699])),
+        "reason": draw(st.one_of(st.none(), _ODD_TEXT)),
+        "to_tag": draw(st.one_of(st.none(), _ODD_TEXT, st.just("abc"))),
+        "headers": draw(st.lists(st.tuples(names, st.one_of(_ODD_TEXT, st.just("v"))),
+                                 max_size=4)),
+        "body": draw(st.sampled_from([b"", b"v=0\r\n", b"\xff"])),
+    }
+    if draw(st.booleans()):
+        case["headers"] = tuple(case["headers"])
+    return req, case
+
+
+@PROPS
+@given(response_cases())
+def test_responses_agree(case: tuple[Request, dict[str, Any]]) -> None:
+    req, kwargs = case
+    status = kwargs.pop("status")
+    fast, slow = _both_responses(req, status, **kwargs)
+    assert fast == slow
+
+
+def test_respond_declines_odd_arguments() -> None:
+    from sipcore import _fastparse
+
+    respond: Any = _fastparse.respond
+    req = parse_message(REGISTER)
+    assert respond(req, 200, "OK", None, [], b"") is not None
+    assert respond(object(), 200, "OK", None, [], b"") is None
+    assert respond(req, 200.0, "OK", None, [], b"") is None
+    assert respond(req, 2**70, "OK", None, [], b"") is None
+    assert respond(req, 99, "OK", None, [], b"") is None
+    assert respond(req, 200, b"OK", None, [], b"") is None
+    assert respond(req, 200, "OK", 7, [], b"") is None
+    assert respond(req, 200, "OK", None, [["A", "b"]], b"") is None
+    assert respond(req, 200, "OK", None, [("A", "b", "c")], b"") is None
+    assert respond(req, 200, "OK", None, iter([]), b"") is None
+    assert respond(req, 200, "OK", None, [], bytearray()) is None
+    with pytest.raises(TypeError):
+        respond(req, 200, "OK")
 
 
 # --------------------------------------------------------------------------- auth_params
