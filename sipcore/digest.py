@@ -789,6 +789,12 @@ class AuthResult:
         return self.status is AuthStatus.OK
 
 
+#: Stands for the nonce in the challenge templates of DigestVerifier.challenges.
+_MARKER: Final = "\ue000nonce\ue000"
+#: Realm and stale combinations whose challenge templates a verifier keeps.
+_MAX_TEMPLATES: Final = 256
+
+
 class DigestVerifier:
     """The server side: issue challenges, check credentials.
 
@@ -827,18 +833,29 @@ class DigestVerifier:
         self._dummy_ha1 = {
             base: secrets.token_hex(length // 2) for base, length in _HEX_LEN.items()
         }
+        # (realm, stale) -> the challenge values split around the nonce (see challenges).
+        self._templates: dict[tuple[str, bool], list[tuple[str, str]]] = {}
 
     def challenges(self, realm: str, now: float, *, stale: bool = False) -> list[str]:
         """Fresh challenge header values for a 401 (WWW-Authenticate) or 407
-        (Proxy-Authenticate), one per offered algorithm, sharing one new nonce."""
-        return build_challenges(
-            realm,
-            self.nonces.issue(now),
-            stale=stale,
-            algorithms=self.algorithms,
-            qop=self.qop,
-            opaque=self.opaque,
-        )
+        (Proxy-Authenticate), one per offered algorithm, sharing one new nonce: what
+        :func:`build_challenges` gives, from the realm's values built once around a marker
+        (a nonce is base64url, so it is quoted as it is)."""
+        nonce = self.nonces.issue(now)
+        templates = self._templates.get((realm, stale))
+        if templates is None:
+            values = build_challenges(realm, _MARKER, stale=stale, algorithms=self.algorithms,
+                                      qop=self.qop, opaque=self.opaque)
+            if not all(value.count(_MARKER) == 1 for value in values):
+                # The realm or opaque holds the marker itself: no template for it.
+                return build_challenges(realm, nonce, stale=stale, algorithms=self.algorithms,
+                                        qop=self.qop, opaque=self.opaque)
+            templates = [(head, tail) for head, _, tail in
+                         (value.partition(_MARKER) for value in values)]
+            if len(self._templates) >= _MAX_TEMPLATES:
+                self._templates.clear()
+            self._templates[(realm, stale)] = templates
+        return [head + nonce + tail for head, tail in templates]
 
     def verify(
         self,

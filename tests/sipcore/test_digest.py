@@ -219,6 +219,24 @@ def test_stale_challenge_says_so() -> None:
     assert values[0].endswith(", stale=true")
 
 
+@pytest.mark.parametrize("realm", [REALM, 'a "quoted" \\ realm', "marker \ue000nonce\ue000 in it"])
+@pytest.mark.parametrize("stale", [False, True])
+def test_challenges_are_what_build_challenges_gives_with_each_new_nonce(
+    realm: str, stale: bool
+) -> None:
+    """The verifier builds a realm's values once around the nonce; each challenge must still
+    be exactly build_challenges' for its own fresh nonce."""
+    verifier = make_verifier(opaque="o")
+    seen = set()
+    for n in range(3):
+        values = verifier.challenges(realm, T0 + n, stale=stale)
+        nonce = parse_challenge(values[0]).nonce
+        assert values == build_challenges(realm, nonce, stale=stale, algorithms=ALGORITHMS,
+                                          qop=("auth",), opaque="o")
+        seen.add(nonce)
+    assert len(seen) == 3
+
+
 def test_build_challenges_quotes_realm_and_refuses_unknown_algorithm() -> None:
     (value,) = build_challenges('a "quoted" \\ realm', "n", algorithms=["md5"])
     assert parse_challenge(value).realm == 'a "quoted" \\ realm'
