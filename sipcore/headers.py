@@ -367,7 +367,7 @@ def parse_params(text: str, what: str = "header") -> dict[str, str | None]:
 
 
 def _format_params(params: dict[str, str | None]) -> str:
-    return "".join(f";{k}" if v is None else f";{k}={v}" for k, v in params.items())
+    return "".join([f";{k}" if v is None else f";{k}={v}" for k, v in params.items()])
 
 
 # --------------------------------------------------------------------------- CSeq
