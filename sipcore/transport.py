@@ -94,6 +94,8 @@ class _DatagramTransport(Protocol):
 
     def get_extra_info(self, name: str, default: object = None) -> object: ...
 
+    def is_closing(self) -> bool: ...
+
     def close(self) -> None: ...
 
 
@@ -111,6 +113,11 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self.fileno, self.family = sock.fileno(), int(sock.family)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # The descriptor is closed and its number may be reused (by a database connection,
+        # say): the accelerator must never write to it again.
+        self.fileno = -1
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         owner = self.owner
@@ -292,7 +299,8 @@ class Transports:
             for *_, peer, on_failure in queue:
                 self._failed(peer, on_failure)
             return
-        sendmany = _sendmany if proto.fileno >= 0 else None
+        # Only while the transport is open: a closing one may have closed its descriptor.
+        sendmany = _sendmany if proto.fileno >= 0 and not transport.is_closing() else None
         sent = index = 0
         end = len(queue)
         while index < end:

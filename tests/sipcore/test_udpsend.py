@@ -364,3 +364,39 @@ def test_close_sends_what_was_queued_before_it(
     with _sockets(r):
         run(scenario)
         assert _drain(r, 1) == [b"goodbye"]
+
+
+def test_never_written_to_once_the_transport_closes(
+    monkeypatch: pytest.MonkeyPatch, run: Callable[[Callable[[], Awaitable[None]]], None]
+) -> None:
+    """A closed transport's descriptor number may already belong to another socket (a
+    database connection): the accelerator must not write to it."""
+    used: list[int] = []
+
+    def recording(fd: int, family: int, queue: list[Any], start: int) -> int:
+        used.append(fd)
+        return start  # sends nothing: the transport gets each one
+
+    monkeypatch.setattr(transport, "_sendmany", recording)
+    r = _receiver()
+
+    async def scenario() -> None:
+        t, _ = await _transports()
+        proto = t._udp[0]
+        assert proto.transport is not None and proto.fileno >= 0
+        try:
+            t.send(b"open", _peer(r))
+            await asyncio.sleep(0)
+            assert used == [proto.fileno]
+            t.send(b"closing", _peer(r))  # its flush is due before connection_lost
+            proto.transport.close()
+            await asyncio.sleep(0)
+            assert len(used) == 1
+            await asyncio.sleep(0.01)  # connection_lost
+            assert proto.fileno == -1
+        finally:
+            await t.close()
+
+    with _sockets(r):
+        run(scenario)
+        assert _drain(r, 1) == [b"open"]
