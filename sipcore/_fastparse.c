@@ -1520,6 +1520,15 @@ clean_text(PyObject *u)
     return 1;
 }
 
+/* A header name (a token) that build_response replaces by the real Content-Length: the
+ * long form in any case, or the compact "l" / "L". */
+static int
+is_content_length(const char *q, Py_ssize_t len)
+{
+    return (len == 1 && (q[0] == 'l' || q[0] == 'L')) ||
+           (len == 14 && PyOS_strnicmp(q, "content-length", 14) == 0);
+}
+
 static PyObject *
 respond(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -1663,8 +1672,7 @@ respond(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 goto decline;
             }
         }
-        if ((len == 1 && (q[0] == 'l' || q[0] == 'L')) ||
-            (len == 14 && PyOS_strnicmp(q, "content-length", 14) == 0)) {
+        if (is_content_length(q, len)) {
             continue; /* replaced by the real one */
         }
         size += len + 2 + PyUnicode_GET_LENGTH(value) + 2;
@@ -1714,8 +1722,7 @@ respond(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyObject *name = PyTuple_GET_ITEM(item, 0);
         const char *q = (const char *)PyUnicode_DATA(name);
         Py_ssize_t len = PyUnicode_GET_LENGTH(name);
-        if ((len == 1 && (q[0] == 'l' || q[0] == 'L')) ||
-            (len == 14 && PyOS_strnicmp(q, "content-length", 14) == 0)) {
+        if (is_content_length(q, len)) {
             continue;
         }
         PUT_STR(name);
