@@ -18,11 +18,12 @@ machine, per scenario:
 * **median / p99** -- response time at half the max rate over ``--latency-seconds`` (45 s:
   long enough for the answered transactions lingering for Timer J, 32 s, and the garbage
   collector's work on them to reach their steady state; run after a ``--cooldown`` of 34 s
-  when the step before it was overloaded), per SIP transaction, from kernel
-  timestamps of the server's packets on loopback (sipcapture.py; SIPp's own clock moves in
-  4 ms steps here).  A second table lists each transaction kind (``REGISTER 401``,
-  ``REGISTER 200``, ``INVITE 200`` ...).  Without the privilege to capture, or for a server
-  on another host, SIPp's ``-trace_rtt`` is used instead.
+  when the step before it was overloaded or ran a server process at ``--saturation``), per
+  SIP transaction, from kernel timestamps of the server's packets on loopback
+  (sipcapture.py; SIPp's own clock moves in 4 ms steps here).  A second table lists each
+  transaction kind (``REGISTER 401``, ``REGISTER 200``, ``INVITE 200`` ...).  Without the
+  privilege to capture, or for a server on another host, SIPp's ``-trace_rtt`` is used
+  instead.
 * **memory** -- RSS and PSS of the server at start-up, then with 10,000 and 100,000
   registered contacts (``--contacts``, registered by reg_flood.py) read ``--settle`` seconds
   after the last REGISTER, and for sipbill once more after a restart that loads the same
@@ -793,9 +794,11 @@ class Bench:
             stop_reason = f"{bad.verdict} at {bad.rate}/s"
         latency: StepResult | None = None
         if good is not None:
-            if not steps[-1].passed:
-                # An overloaded step leaves completed transactions behind for Timer J (32 s)
-                # and a larger heap; the latency step should not measure that aftermath.
+            last = steps[-1]
+            if not last.passed or last.peak_process_util >= a.saturation:
+                # An overloaded step, or one that passed with the server at saturation, leaves
+                # completed transactions behind for Timer J (32 s) and a larger heap; the
+                # latency step should not measure that aftermath.
                 log(f"cooling down {a.cooldown:g} s before the latency step")
                 time.sleep(a.cooldown)
             else:
