@@ -220,6 +220,9 @@ _METHODS_SEEN: set[str] = {
 def _lookup_name(name: str) -> str:
     """Canonical name for an API caller's header name (never raises: a name that is not a
     token simply matches nothing)."""
+    canon = _NAME_CACHE.get(name)  # the names code asks for are all in it after one use
+    if canon is not None:
+        return canon
     try:
         return canonical_name(name)
     except SipParseError:
@@ -332,6 +335,8 @@ class SipMessage:
         unknown extension headers are never split.  ``split`` forces either behaviour.
         """
         canon = _lookup_name(name)
+        if canon not in self._pos:
+            return []
         values = [self._value(i) for i in self._indices(canon)]
         if split is None:
             split = canon in LIST_HEADERS
@@ -450,9 +455,9 @@ class SipMessage:
     def expires(self) -> int | None:
         """Expires header (RFC 3261 §20.19): None when absent; 400 when not a delta-seconds
         value within 32 bits."""
-        value = self.header("expires")
-        if value is None:
+        if "expires" not in self._pos:
             return None
+        value = _field_value(self._lines[self._names.index("expires")])
         if not value.isdigit() or not value.isascii() or len(value) > 10:
             raise SipParseError(400, "Bad Expires")
         seconds = int(value)
