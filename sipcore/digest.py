@@ -56,7 +56,7 @@ import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Final, Literal
+from typing import Final, Literal, NamedTuple
 
 from sipcore import accel
 from sipcore.errors import SipParseError
@@ -561,10 +561,12 @@ _MAC_LEN: Final = 16
 _NONCE_BYTES: Final = _NONCE_LAYOUT.size + _MAC_LEN
 _NONCE_CHARS: Final = (_NONCE_BYTES * 4 + 2) // 3
 _NONCE_RE: Final = re.compile(rf"[A-Za-z0-9_-]{{{_NONCE_CHARS}}}")
+#: Nonces per generation of NonceIssuer's cache of the ones it issued last (two generations:
+#: 2,048 to 4,096 nonces, under a megabyte).
+_RECENT: Final = 2048
 
 
-@dataclass(frozen=True, slots=True)
-class _NonceFields:
+class _NonceFields(NamedTuple):  # a tuple: cheaper to make than a frozen dataclass
     worker_id: int
     instance: int
     issued_ms: int
@@ -636,13 +638,25 @@ class NonceIssuer:
         # Nonces issued at or before this instant that are not in the table were evicted.
         self._evicted_up_to_ms = -1
         self._last_decoded: tuple[str, _NonceFields | None] | None = None
+        # The nonces issued last (two generations of up to _RECENT each) and their fields:
+        # the answer to a challenge nearly always comes within milliseconds, and finding its
+        # nonce here saves decoding it and checking its MAC (we made it, so it is genuine).
+        self._recent: dict[str, _NonceFields] = {}
+        self._older: dict[str, _NonceFields] = {}
 
     def issue(self, now: float) -> str:
         """A fresh nonce."""
+        issued_ms = _to_ms(now)
         payload = _NONCE_LAYOUT.pack(
-            _NONCE_VERSION, self.worker_id, self._instance, _to_ms(now), next(self._serial)
+            _NONCE_VERSION, self.worker_id, self._instance, issued_ms, next(self._serial)
         )
-        return base64.urlsafe_b64encode(payload + self._mac(payload)).decode("ascii")
+        nonce = base64.urlsafe_b64encode(payload + self._mac(payload)).decode("ascii")
+        recent = self._recent
+        if len(recent) >= _RECENT:
+            self._older = recent
+            recent = self._recent = {}
+        recent[nonce] = _NonceFields(self.worker_id, self._instance, issued_ms)
+        return nonce
 
     def check(self, nonce: str, now: float) -> NonceStatus:
         """Whether ``nonce`` is one of ours and still fresh.  Needs no state."""
@@ -715,7 +729,9 @@ class NonceIssuer:
         last = self._last_decoded
         if last is not None and last[0] == nonce:
             return last[1]
-        fields = self._decode_uncached(nonce)
+        fields = self._recent.get(nonce) or self._older.get(nonce)
+        if fields is None:
+            fields = self._decode_uncached(nonce)
         self._last_decoded = (nonce, fields)
         return fields
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from sipcore import digest
 from sipcore.digest import (
+    _RECENT,
     ALGORITHMS,
     AuthStatus,
     DigestChallenge,
@@ -610,6 +611,27 @@ def test_replay_table_is_bounded_and_evicted_nonces_stay_refused() -> None:
     assert issuer.check_nc(nonces[5], 1, T0 + 11)
     assert issuer.check_nc(nonces[4], 2, T0 + 11)
     assert issuer.tracked == 3
+
+
+def test_nonces_issued_long_ago_check_the_same_as_recent_ones() -> None:
+    # The issuer remembers the nonces it issued last, so their answers skip the MAC check;
+    # a nonce that has left that memory must still be decoded and checked the same way.
+    issuer = NonceIssuer(SECRET, ttl=300)
+    first = issuer.issue(T0)
+    later = [issuer.issue(T0 + 1) for _ in range(3 * _RECENT)]
+    held = len(issuer._recent) + len(issuer._older)
+    assert _RECENT <= held <= 2 * _RECENT  # bounded, and the newest are in it
+    assert later[-1] in issuer._recent and first not in issuer._recent | issuer._older
+    for nonce in (first, later[-1]):
+        assert issuer.check(nonce, T0 + 2) is NonceStatus.VALID
+        assert issuer.issuer_of(nonce) == 0
+        assert issuer.check_nc(nonce, 1, T0 + 2)
+        assert issuer.check_nc(nonce, 1, T0 + 2) is False
+        assert issuer.check(nonce, T0 + 301) is NonceStatus.STALE
+    # A forgery of a remembered nonce is not found in that memory: it is checked, and fails.
+    assert issuer.check(_tamper(later[-1]), T0 + 2) is NonceStatus.INVALID
+    # Another issuer (a restart) does not share the memory.
+    assert NonceIssuer(SECRET, ttl=300).check(later[-1], T0 + 2) is NonceStatus.FOREIGN
 
 
 def test_nonce_issuer_arguments() -> None:
