@@ -14,7 +14,18 @@ machine, per scenario:
 * **server CPU per 1,000** -- CPU-seconds (user + system, /proc/PID/stat) the server's own
   processes spent per 1,000 successful runs at the max rate, and the same for the server plus
   its PostgreSQL.  This does not depend on how much of the two cores SIPp takes; its inverse,
-  runs per server CPU-second, is what issue 3's targets are stated in.
+  runs per server CPU-second, is what issue 3's targets are stated in.  It is read in the
+  **steady state**: after the ladder, ``--steady-share`` (75 %) of the max rate runs for
+  ``--steady-seconds`` (50 s; a max rate found with the server at saturation does not hold
+  that long) and the CPU is read only from ``--steady-from`` (34 s: past Timer J's 32 s, so
+  as many answered transactions end as begin, each paying for its own end) to 2 s before
+  the end; the runs in that window are the rate times its length (the step must pass, so
+  SIPp kept the rate).  A ladder step alone is 8 s: it pays for none of its own
+  transactions' ends but for the ends of the steps before it, so its figure (also printed,
+  "ladder step") moves with the rates that came before it.  A busier server spends less per
+  run (more datagrams per wake-up and per system call, more bindings per database commit),
+  so the steady figure is the more cautious one when the ladder step was not disturbed.
+  Should the steady step not pass, the ladder step's figure is printed instead, marked so.
 * **median / p99** -- response time at half the max rate over ``--latency-seconds`` (45 s:
   long enough for the answered transactions lingering for Timer J, 32 s, and the garbage
   collector's work on them to reach their steady state; run after a ``--cooldown`` of 34 s
@@ -84,6 +95,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -494,6 +506,10 @@ class StepResult:
     sipp_seconds: float
     load_average: float  # 1-minute load average after the step: others' work shows here
     udp_drops: int  # datagrams the kernel dropped for a full receive buffer, any socket
+    # A steady step: the CPU in the window (window_seconds > 0) that cpu_per_1000 reads.
+    window_seconds: float = 0.0
+    window_server_cpu: float = 0.0
+    window_db_cpu: float = 0.0
     # Response times in ms keyed by "METHOD status" (wire capture) or "rtd" (SIPp's clock).
     latency_ms: dict[str, list[float]] = field(default_factory=dict, repr=False)
     latency_source: str = ""
@@ -534,6 +550,11 @@ class StepResult:
         return ""
 
     def cpu_per_1000(self, with_db: bool = False) -> float:
+        """CPU-seconds per 1,000 successful runs: over the steady window when this step has
+        one (runs in it: the rate times its length), else over the whole step."""
+        if self.window_seconds > 0:
+            cpu = self.window_server_cpu + (self.window_db_cpu if with_db else 0.0)
+            return 1000.0 * cpu / (self.rate * self.window_seconds)
         cpu = self.server_cpu + (self.db_cpu if with_db else 0.0)
         return 1000.0 * cpu / self.ok if self.ok else float("nan")
 
@@ -686,8 +707,10 @@ class Bench:
         self.args = args
         self.machine = procstats.MachineCpu()
 
-    def step(self, spec: ScenarioSpec, rate: int, latency: bool = False) -> StepResult:
-        seconds = self.args.latency_seconds if latency else self.args.step_seconds
+    def step(self, spec: ScenarioSpec, rate: int, latency: bool = False,
+             steady: bool = False) -> StepResult:
+        seconds = (self.args.latency_seconds if latency
+                   else self.args.steady_seconds if steady else self.args.step_seconds)
         # Wire timestamps when the server is on this machine's loopback and we may capture;
         # otherwise SIPp's coarse clock (see sipcapture).
         wire = latency and self.srv.host.startswith("127.") and Capture.available()
@@ -701,6 +724,8 @@ class Bench:
         self.machine.sample()
         before = sample_cpu(self.srv)
         t0 = time.monotonic()
+        window = (WindowSampler(self.srv, t0 + self.args.steady_from, t0 + seconds - 2.0)
+                  if steady else None)
         with Capture(self.srv.port) if wire else contextlib.nullcontext() as cap:
             proc = run_sipp(self.srv, spec.sipp_file, stepdir, spec.args, rate=rate,
                             calls=calls, timeout=seconds + 10, local_port=spec.local_port,
@@ -731,6 +756,14 @@ class Bench:
             machine_busy=busy, sipp_seconds=sipp_seconds, load_average=os.getloadavg()[0],
             udp_drops=procstats.udp_receive_drops() - drops0,
             max_retrans_share=self.args.max_retrans)
+        if window is not None:
+            window.join()
+            if window.samples is not None and res.passed:
+                first, last = window.samples
+                res.window_seconds = last.at - first.at
+                res.window_server_cpu = sum(procstats.cpu_delta(first.server,
+                                                                last.server).values())
+                res.window_db_cpu = sum(procstats.cpu_delta(first.db, last.db).values())
         if isinstance(cap, Capture):
             res.latency_source = "wire"
             res.latency_ms = {kind: [1000.0 * t for t in times]
@@ -793,19 +826,37 @@ class Bench:
         if bad is not None:
             stop_reason = f"{bad.verdict} at {bad.rate}/s"
         latency: StepResult | None = None
+        steady: StepResult | None = None
+        if good is not None and a.steady_seconds > 0:
+            # A share of that rate in its steady state (see the module doc): after a
+            # cool-down, so that the ends of the ladder's transactions are not in the window.
+            log(f"cooling down {a.cooldown:g} s before the steady step")
+            time.sleep(a.cooldown)
+            rate = max(1, int(good.rate * a.steady_share))
+            if rate >= 200:
+                rate -= rate % 100
+            steady = self.step(spec, rate, steady=True)
+            steps.append(steady)
+            if steady.window_seconds <= 0:
+                why = steady.verdict or "no window"
+                log(f"the steady step at {rate}/s did not pass ({why}): the ladder step's "
+                    "CPU figure stands")
+                steady = None
         if good is not None:
             last = steps[-1]
-            if not last.passed or last.peak_process_util >= a.saturation:
-                # An overloaded step, or one that passed with the server at saturation, leaves
-                # completed transactions behind for Timer J (32 s) and a larger heap; the
-                # latency step should not measure that aftermath.
+            if (not last.passed or last.peak_process_util >= a.saturation
+                    or a.steady_seconds > 0):
+                # An overloaded step, one that passed with the server at saturation, or a
+                # long one at the max rate leaves completed transactions behind for Timer J
+                # (32 s) and a larger heap; the latency step should not measure that
+                # aftermath.
                 log(f"cooling down {a.cooldown:g} s before the latency step")
                 time.sleep(a.cooldown)
             else:
                 time.sleep(1.0)
             latency = self.step(spec, max(1, good.rate // 2), latency=True)
             steps.append(latency)
-        return ScenarioResult(spec.name, good, latency, steps, stop_reason)
+        return ScenarioResult(spec.name, good, latency, steps, stop_reason, steady)
 
 
 @dataclass
@@ -815,6 +866,33 @@ class ScenarioResult:
     latency: StepResult | None
     steps: list[StepResult]
     stop_reason: str
+    steady: StepResult | None = None  # a share of the max rate, with a steady window (passed)
+
+    @property
+    def cpu_step(self) -> StepResult | None:
+        """The step whose CPU figure the table gives: the steady one, else the ladder's."""
+        return self.steady if self.steady is not None else self.best
+
+
+class WindowSampler:
+    """Samples the server's CPU at two instants (``time.monotonic()``) from a thread, while
+    the calling thread waits for SIPp."""
+
+    def __init__(self, srv: Server, start: float, end: float) -> None:
+        self.samples: tuple[CpuSample, CpuSample] | None = None
+        self._thread = threading.Thread(target=self._run, args=(srv, start, end), daemon=True)
+        self._thread.start()
+
+    def _run(self, srv: Server, start: float, end: float) -> None:
+        if end - start < 1.0:
+            return
+        time.sleep(max(0.0, start - time.monotonic()))
+        first = sample_cpu(srv)
+        time.sleep(max(0.0, end - time.monotonic()))
+        self.samples = (first, sample_cpu(srv))
+
+    def join(self) -> None:
+        self._thread.join()
 
 
 @dataclass
@@ -883,8 +961,8 @@ def markdown(srv_name: str, results: list[ScenarioResult], memory: list[MemoryPo
     loaded = memory[-1].contacts if memory else 0
     out = [f"### {srv_name}: SIPp rate ladders ({args.step_seconds:g} s per step, UDP, "
            f"{os.cpu_count()} cores shared with SIPp, {loaded:,} contacts registered)", ""]
-    head = ["scenario", "max rate /s (0 failures)", "server CPU-s per 1,000",
-            "per server CPU-s"]
+    head = ["scenario", "max rate /s (0 failures)", "CPU read at", "server CPU-s per 1,000",
+            "per server CPU-s", "per server CPU-s at the ladder step"]
     if has_db:
         head += ["CPU-s per 1,000 incl. DB", "per CPU-s incl. DB"]
     head += ["median ms @ half", "p99 ms @ half", "stopped by"]
@@ -896,10 +974,17 @@ def markdown(srv_name: str, results: list[ScenarioResult], memory: list[MemoryPo
         if b is None:
             row += ["none"] + ["n/a"] * (len(head) - 3)
         else:
-            per = b.cpu_per_1000()
-            row += [str(b.rate), _fmt(per, 3), _fmt(1000.0 / per if per else float("nan"), 0)]
+            c = r.cpu_step or b
+            per = c.cpu_per_1000()
+            ladder = b.cpu_per_1000()
+            read_at = (f"steady {c.rate}/s" if r.steady is not None
+                       else "ladder step (steady step failed)" if args.steady_seconds
+                       else "ladder step")
+            row += [str(b.rate), read_at, _fmt(per, 3),
+                    _fmt(1000.0 / per if per else float("nan"), 0),
+                    _fmt(1000.0 / ladder if ladder else float("nan"), 0)]
             if has_db:
-                per_db = b.cpu_per_1000(with_db=True)
+                per_db = c.cpu_per_1000(with_db=True)
                 row += [_fmt(per_db, 3), _fmt(1000.0 / per_db if per_db else float("nan"), 0)]
             rtts = lat.all_latencies if lat is not None else []
             row += [_fmt(percentile(rtts, 50)), _fmt(percentile(rtts, 99))]
@@ -1016,6 +1101,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                     help="seconds of the latency step at half the max rate (default 45, so "
                          "the transactions lingering for Timer J reach their steady number; "
                          "quick: the step length)")
+    ap.add_argument("--steady-seconds", type=float, default=None,
+                    help="seconds of the steady step at the max rate whose CPU the table "
+                         "gives (default 50; quick: 0, none); 0 to skip")
+    ap.add_argument("--steady-share", type=float, default=0.75,
+                    help="rate of the steady step as a share of the max rate (default 0.75: "
+                         "a max rate found at saturation does not hold for long)")
+    ap.add_argument("--steady-from", type=float, default=34.0,
+                    help="second of the steady step from which its CPU is read (default 34: "
+                         "past Timer J)")
     ap.add_argument("--start-rate", type=int, default=200)
     ap.add_argument("--max-rate", type=int, default=25600)
     ap.add_argument("--growth", type=float, default=None, help="rate factor per step")
@@ -1035,6 +1129,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.step_seconds = 3.0 if q else 8.0
     if args.latency_seconds is None:
         args.latency_seconds = args.step_seconds if q else 45.0
+    if args.steady_seconds is None:
+        args.steady_seconds = 0.0 if q else 50.0
+    if args.steady_seconds and args.steady_seconds - 2.0 - args.steady_from < 5.0:
+        ap.error("--steady-seconds must leave a window of at least 5 s after --steady-from "
+                 "and before the last 2 s")
     if args.growth is None:
         args.growth = 4.0 if q else 2.0
     if args.refine is None:
@@ -1097,6 +1196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scenarios": [
                 {"name": r.name, "stop_reason": r.stop_reason,
                  "max_rate": r.best.rate if r.best else None,
+                 "cpu_per_1000": r.cpu_step.cpu_per_1000() if r.cpu_step else None,
+                 "cpu_per_1000_with_db": (r.cpu_step.cpu_per_1000(with_db=True)
+                                          if r.cpu_step else None),
+                 "cpu_from": ("steady" if r.steady else "ladder step") if r.best else None,
                  "latency_rate": r.latency.rate if r.latency else None,
                  "median_ms": percentile(r.latency.all_latencies, 50) if r.latency else None,
                  "p99_ms": percentile(r.latency.all_latencies, 99) if r.latency else None,
