@@ -623,17 +623,21 @@ class Request(SipMessage):
         rport was requested), and the source port in an empty ``rport``.  Forwarded copies
         and built responses then carry it.  Returns True when the Via changed."""
         via = self._top_via
-        host = via.host[1:-1] if via.host.startswith("[") else via.host
-        params = dict(via.params)
-        changed = False
-        if (host != source.host or via.has_rport) and params.get("received") != source.host:
-            params["received"] = source.host
-            changed = True
-        if via.has_rport and not params.get("rport"):
-            params["rport"] = str(source.port)
-            changed = True
-        if not changed:
+        old = via.params
+        shost = source.host
+        rport = "rport" in old
+        host = via.host
+        if host[:1] == "[":
+            host = host[1:-1]
+        add_received = (rport or host != shost) and old.get("received") != shost
+        fill_rport = rport and not old.get("rport")
+        if not (add_received or fill_rport):
             return False
+        params = old.copy()
+        if add_received:
+            params["received"] = shost
+        if fill_rport:
+            params["rport"] = str(source.port)
         new = Via(via.transport, via.host, via.port, params, via.protocol)
         self._top_via = new
         self._top_via_text = str(new)
