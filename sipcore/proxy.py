@@ -558,11 +558,16 @@ class ProxyCore:
             return
         task = self.loop.create_task(self._finish(ctx, rest, started))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _finish(self, ctx: RequestContext, rest: Awaitable[None], started: float) -> None:
-        await rest
-        self._walked(ctx, started)
+        try:
+            await rest
+            self._walked(ctx, started)
+        finally:
+            # Here rather than in a done callback: that costs a loop callback per task.
+            task = asyncio.current_task(self.loop)
+            if task is not None:
+                self._tasks.discard(task)
 
     def _walked(self, ctx: RequestContext, started: float) -> None:
         """Time the pipeline walk: from the request's arrival until it was answered or

@@ -219,6 +219,9 @@ class SipStack:
         elif isinstance(event, txn.RequestReceived):
             if user is not None:
                 user.request_received(event.tx_key, event.request, event.source)
+        elif isinstance(event, txn.TransactionTerminated):  # one per transaction: test early
+            if self._clients.pop(event.tx_key, None) is None and user is not None:
+                user.server_transaction_ended(event.tx_key, False)
         elif isinstance(event, txn.AckReceived):
             if user is not None:
                 user.ack_received(event.request, event.source)
@@ -232,9 +235,6 @@ class SipStack:
                 owner.transaction_failed(event.tx_key, reason)
             elif user is not None:
                 user.server_transaction_ended(event.tx_key, True)
-        elif isinstance(event, txn.TransactionTerminated):
-            if self._clients.pop(event.tx_key, None) is None and user is not None:
-                user.server_transaction_ended(event.tx_key, False)
         elif isinstance(event, txn.StrayResponse):
             self.stats["stray_responses"] += 1
         elif isinstance(event, txn.Overloaded):
