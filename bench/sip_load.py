@@ -73,7 +73,7 @@ Servers:
   CPU and memory are read for the given processes and their descendants (``--db-pids`` for a
   database's).
 
-Run: ``.venv/bin/python bench/sip_load.py`` (about 10 minutes; ``--quick``, 3-second steps
+Run: ``.venv/bin/python bench/sip_load.py`` (about 18 minutes; ``--quick``, 3-second steps
 and 10,000 contacts, about 2).  It
 needs ``sipp`` (Debian sip-tester) and, for ``--kamailio``, ``kamailio``; the wire capture
 needs root or CAP_NET_RAW.  On a shared machine look at ``uptime`` first: other load on the
