@@ -846,8 +846,8 @@ class Bench:
             last = steps[-1]
             if (not last.passed or last.peak_process_util >= a.saturation
                     or a.steady_seconds > 0):
-                # An overloaded step, one that passed with the server at saturation, or a
-                # long one at the max rate leaves completed transactions behind for Timer J
+                # An overloaded step, one that passed with the server at saturation, or the
+                # 50-second steady step leaves completed transactions behind for Timer J
                 # (32 s) and a larger heap; the latency step should not measure that
                 # aftermath.
                 log(f"cooling down {a.cooldown:g} s before the latency step")
@@ -974,7 +974,7 @@ def markdown(srv_name: str, results: list[ScenarioResult], memory: list[MemoryPo
         if b is None:
             row += ["none"] + ["n/a"] * (len(head) - 3)
         else:
-            c = r.cpu_step or b
+            c = r.steady if r.steady is not None else b
             per = c.cpu_per_1000()
             ladder = b.cpu_per_1000()
             read_at = (f"steady {c.rate}/s" if r.steady is not None
@@ -1102,8 +1102,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "the transactions lingering for Timer J reach their steady number; "
                          "quick: the step length)")
     ap.add_argument("--steady-seconds", type=float, default=None,
-                    help="seconds of the steady step at the max rate whose CPU the table "
-                         "gives (default 50; quick: 0, none); 0 to skip")
+                    help="seconds of the steady step (at --steady-share of the max rate) "
+                         "whose CPU the table gives (default 50; quick: 0, none); 0 to skip")
     ap.add_argument("--steady-share", type=float, default=0.75,
                     help="rate of the steady step as a share of the max rate (default 0.75: "
                          "a max rate found at saturation does not hold for long)")
