@@ -15,17 +15,18 @@ machine, per scenario:
   processes spent per 1,000 successful runs at the max rate, and the same for the server plus
   its PostgreSQL.  This does not depend on how much of the two cores SIPp takes; its inverse,
   runs per server CPU-second, is what issue 3's targets are stated in.  It is read in the
-  **steady state**: after the ladder, ``--steady-share`` (75 %) of the max rate runs for
-  ``--steady-seconds`` (50 s; a max rate found with the server at saturation does not hold
-  that long) and the CPU is read only from ``--steady-from`` (34 s: past Timer J's 32 s, so
-  as many answered transactions end as begin, each paying for its own end) to 2 s before
-  the end; the runs in that window are the rate times its length (the step must pass, so
-  SIPp kept the rate).  A ladder step alone is 8 s: it pays for none of its own
-  transactions' ends but for the ends of the steps before it, so its figure (also printed,
-  "ladder step") moves with the rates that came before it.  A busier server spends less per
-  run (more datagrams per wake-up and per system call, more bindings per database commit),
-  so the steady figure is the more cautious one when the ladder step was not disturbed.
-  Should the steady step not pass, the ladder step's figure is printed instead, marked so.
+  **steady state**: after the ladder, ``--steady-share`` (75 %) of the max rate (or a fixed
+  ``--steady-rate``, e.g. ``register=5000``) runs for ``--steady-seconds`` (50 s; a max rate
+  found with the server at saturation does not hold that long) and the CPU is read only from
+  ``--steady-from`` (34 s: past Timer J's 32 s, so as many answered transactions end as begin,
+  each paying for its own end) to 2 s before the end; the runs in that window are the rate
+  times its length (the step must pass, so SIPp kept the rate).  A ladder step alone is 8 s:
+  it pays for none of its own transactions' ends but for the ends of the steps before it, so
+  its figure (also printed, "ladder step") moves with the rates that came before it.  A busier
+  server spends less per run (more datagrams per wake-up and per system call, more bindings
+  per database commit), so the steady figure is the more cautious one when the ladder step was
+  not disturbed. Should the steady step not pass, the ladder step's figure is printed instead,
+  marked so.
 * **median / p99** -- response time at half the max rate over ``--latency-seconds`` (45 s:
   long enough for the answered transactions lingering for Timer J, 32 s, and the garbage
   collector's work on them to reach their steady state; run after a ``--cooldown`` of 34 s
@@ -832,9 +833,11 @@ class Bench:
             # cool-down, so that the ends of the ladder's transactions are not in the window.
             log(f"cooling down {a.cooldown:g} s before the steady step")
             time.sleep(a.cooldown)
-            rate = max(1, int(good.rate * a.steady_share))
-            if rate >= 200:
-                rate -= rate % 100
+            rate = a.steady_rate.get(spec.name, 0)
+            if not rate:
+                rate = max(1, int(good.rate * a.steady_share))
+                if rate >= 200:
+                    rate -= rate % 100
             steady = self.step(spec, rate, steady=True)
             steps.append(steady)
             if steady.window_seconds <= 0:
@@ -1107,6 +1110,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steady-share", type=float, default=0.75,
                     help="rate of the steady step as a share of the max rate (default 0.75: "
                          "a max rate found at saturation does not hold for long)")
+    ap.add_argument("--steady-rate", action="append", default=[], metavar="SCENARIO=RATE",
+                    help="run this scenario's steady step at this fixed rate instead of "
+                         "--steady-share of its max rate (repeatable; e.g. register=5000: "
+                         "the steady figure then does not follow the ladder's noisy max rate, "
+                         "and a pass shows the server sustains the rate)")
     ap.add_argument("--steady-from", type=float, default=34.0,
                     help="second of the steady step from which its CPU is read (default 34: "
                          "past Timer J)")
@@ -1134,6 +1142,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.steady_seconds and args.steady_seconds - 2.0 - args.steady_from < 5.0:
         ap.error("--steady-seconds must leave a window of at least 5 s after --steady-from "
                  "and before the last 2 s")
+    steady_rate: dict[str, int] = {}
+    for item in args.steady_rate:
+        name, sep, value = item.partition("=")
+        if not sep or not value.isdigit() or int(value) < 1:
+            ap.error(f"--steady-rate wants SCENARIO=RATE with a positive rate, not {item!r}")
+        if name.strip() not in ALL_SCENARIOS:
+            ap.error(f"--steady-rate: no scenario {name.strip()!r} "
+                     f"(one of {', '.join(ALL_SCENARIOS)})")
+        steady_rate[name.strip()] = int(value)
+    args.steady_rate = steady_rate
     if args.growth is None:
         args.growth = 4.0 if q else 2.0
     if args.refine is None:
