@@ -48,7 +48,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
-from functools import partial
 from typing import Final
 
 from sipcore.errors import SipParseError
@@ -57,10 +56,9 @@ from sipcore.location import (
     BindingChange,
     LocationService,
     LocationWriteError,
-    Plan,
     aor_of,
 )
-from sipcore.pipeline import Later, RequestContext, Target
+from sipcore.pipeline import RequestContext, Target
 from sipcore.subscribers import SubscriberStore
 from sipcore.uri import SipUri
 
@@ -106,10 +104,6 @@ class _Reject(Exception):
         self.reason = reason
         self.label = label
         self.headers = headers
-
-
-#: What the registrar answers itself when planning or writing a change raises it.
-_ANSWERED: Final = (_Reject, SipParseError, LocationWriteError)
 
 
 class _Contact:
@@ -211,68 +205,29 @@ class Registrar:
         #: Outcomes by label ("ok", "423", "foreign_domain", ...) for metrics.
         self.stats: Counter[str] = Counter()
 
-    def __call__(self, ctx: RequestContext) -> bool | Awaitable[bool]:
-        """The REGISTRAR stage: a REGISTER is answered (True, or a :class:`Later` settled
-        once the change is committed); anything else passes (False)."""
+    async def __call__(self, ctx: RequestContext) -> bool:
         if ctx.request.method != "REGISTER":
             return False
         try:
-            aor, plan, now, path = self._prepare(ctx)
-            later = Later()
-            started = self.location.update_soon(
-                aor, plan, partial(self._committed, ctx, aor, now, path, later)
-            )
-        except _ANSWERED as exc:
-            return self._rejected(ctx, exc)
-        if started is None:  # the AoR has an update in flight: queue behind it
-            return self._register_queued(ctx, aor, plan, now, path)
-        change, queued = started
-        return later if queued else self._answer(ctx, aor, now, path, change)
-
-    def _committed(self, ctx: RequestContext, aor: str, now: float, path: tuple[str, ...],
-                   later: Later, change: BindingChange, error: BaseException | None) -> None:
-        if error is not None:
-            if isinstance(error, _ANSWERED):
-                later.resolve(self._rejected(ctx, error))
-            else:
-                later.fail(error)
-            return
-        try:
-            done = self._answer(ctx, aor, now, path, change)
-        except Exception as exc:  # a bug: the pipeline logs it and answers 500
-            later.fail(exc)
-            return
-        later.resolve(done)
-
-    async def _register_queued(self, ctx: RequestContext, aor: str, plan: Plan, now: float,
-                               path: tuple[str, ...]) -> bool:
-        try:
-            change = await self.location.update(aor, plan)
-        except _ANSWERED as exc:
-            return self._rejected(ctx, exc)
-        return self._answer(ctx, aor, now, path, change)
-
-    def _rejected(self, ctx: RequestContext, exc: Exception) -> bool:
-        if isinstance(exc, _Reject):
-            self.stats[exc.label] += 1
+            return await self._register(ctx)
+        except _Reject as rej:
+            self.stats[rej.label] += 1
             log.info(
                 "event=register_rejected status=%d reason=%s call_id=%s source=%s",
-                exc.status,
-                exc.label,
+                rej.status,
+                rej.label,
                 ctx.request.call_id,
                 ctx.source,
             )
-            return ctx.reply(exc.status, exc.reason, exc.headers)
-        if isinstance(exc, SipParseError):
+            return ctx.reply(rej.status, rej.reason, rej.headers)
+        except SipParseError as exc:
             self.stats["bad_request"] += 1
             return ctx.reply(exc.status, exc.reason, exc.headers)
-        self.stats["db_error"] += 1  # LocationWriteError
-        return ctx.reply(500, "Server Internal Error")
+        except LocationWriteError:
+            self.stats["db_error"] += 1
+            return ctx.reply(500, "Server Internal Error")
 
-    def _prepare(self, ctx: RequestContext) -> tuple[str, Plan, float, tuple[str, ...]]:
-        """Steps 1-7 of §10.3 up to the change itself: the AoR, the plan of its change (which
-        raises :class:`_Reject` for what depends on the current bindings), the time and the
-        Path.  Raises :class:`_Reject` or :class:`SipParseError`."""
+    async def _register(self, ctx: RequestContext) -> bool:
         req = ctx.request
         settings = self.settings
 
@@ -421,12 +376,9 @@ class Registrar:
                 tuple(by_contact.values()), tuple(added), tuple(refreshed), tuple(removed)
             )
 
-        return aor, plan, now, path
+        change = await self.location.update(aor, plan)
 
-    def _answer(self, ctx: RequestContext, aor: str, now: float, path: tuple[str, ...],
-                change: BindingChange) -> bool:
-        """Step 8: the 200 OK with the bindings, then the events."""
-        req = ctx.request
+        # Step 8.
         headers: list[tuple[str, str]] = []
         for b in change.bindings:
             value = f"<{b.contact}>;expires={b.expires_in(now)}"
