@@ -16,7 +16,7 @@ machine, per scenario:
   its PostgreSQL.  This does not depend on how much of the two cores SIPp takes; its inverse,
   runs per server CPU-second, is what issue 3's targets are stated in.  It is read in the
   **steady state**: after the ladder, ``--steady-share`` (75 %) of the max rate (or a fixed
-  ``--steady-rate``, e.g. ``register=5000``) runs for ``--steady-seconds`` (50 s; a max rate
+  ``--steady-rate``, e.g. ``register=4800``) runs for ``--steady-seconds`` (50 s; a max rate
   found with the server at saturation does not hold that long) and the CPU is read only from
   ``--steady-from`` (34 s: past Timer J's 32 s, so as many answered transactions end as begin,
   each paying for its own end) to 2 s before the end; the runs in that window are the rate
@@ -1112,7 +1112,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "a max rate found at saturation does not hold for long)")
     ap.add_argument("--steady-rate", action="append", default=[], metavar="SCENARIO=RATE",
                     help="run this scenario's steady step at this fixed rate instead of "
-                         "--steady-share of its max rate (repeatable; e.g. register=5000: "
+                         "--steady-share of its max rate (repeatable; e.g. register=4800: "
                          "the steady figure then does not follow the ladder's noisy max rate, "
                          "and a pass shows the server sustains the rate)")
     ap.add_argument("--steady-from", type=float, default=34.0,
@@ -1145,12 +1145,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     steady_rate: dict[str, int] = {}
     for item in args.steady_rate:
         name, sep, value = item.partition("=")
+        name = name.strip()
         if not sep or not value.isdigit() or int(value) < 1:
             ap.error(f"--steady-rate wants SCENARIO=RATE with a positive rate, not {item!r}")
-        if name.strip() not in ALL_SCENARIOS:
-            ap.error(f"--steady-rate: no scenario {name.strip()!r} "
-                     f"(one of {', '.join(ALL_SCENARIOS)})")
-        steady_rate[name.strip()] = int(value)
+        if name not in ALL_SCENARIOS:
+            ap.error(f"--steady-rate: no scenario {name!r} (one of {', '.join(ALL_SCENARIOS)})")
+        steady_rate[name] = int(value)
+    if steady_rate and not args.steady_seconds:
+        ap.error("--steady-rate needs a steady step (--steady-seconds > 0; --quick has none)")
     args.steady_rate = steady_rate
     if args.growth is None:
         args.growth = 4.0 if q else 2.0
