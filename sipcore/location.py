@@ -320,12 +320,14 @@ class BindingChange:
 
 
 Plan = Callable[[tuple[Binding, ...]], BindingChange | None]
+#: ``update_soon``'s callback: the change, and None or the LocationWriteError.
+Committed = Callable[[BindingChange, BaseException | None], None]
 
 
 class _Op:
     """One AoR's queued write: a committed-on-success change, or expired rows to delete."""
 
-    __slots__ = ("aor", "change", "done", "expired", "waiter")
+    __slots__ = ("aor", "change", "committed", "done", "expired", "waiter")
 
     def __init__(
         self,
@@ -334,6 +336,7 @@ class _Op:
         expired: tuple[Binding, ...],
         done: asyncio.Future[None],
         waiter: asyncio.Future[None] | None = None,
+        committed: Committed | None = None,
     ) -> None:
         self.aor = aor
         self.change = change
@@ -345,6 +348,8 @@ class _Op:
         #: caller cancels only this, so the marker still holds the next update back until
         #: the queued change is written.
         self.waiter = waiter
+        #: Or the updating caller's callback (:meth:`LocationService.update_soon`).
+        self.committed = committed
 
     def finish(self, error: BaseException | None = None) -> None:
         if not self.done.done():
@@ -355,6 +360,14 @@ class _Op:
                 waiter.set_result(None)
             else:
                 waiter.set_exception(error)
+        committed = self.committed
+        if committed is not None and self.change is not None:
+            self.committed = None
+            try:
+                committed(self.change, error)
+            except Exception:
+                # The caller's bug must not stop the flush that called it.
+                log.exception("event=location_callback_failed aor=%s", self.aor)
 
 
 # All writes of one flush in one statement: one round trip, one implicit transaction.  The
@@ -576,21 +589,46 @@ class LocationService:
             if entry.users == 0:
                 del self._aor_locks[aor]
 
+    def update_soon(self, aor: str, plan: Plan,
+                    committed: Committed) -> tuple[BindingChange, bool] | None:
+        """:meth:`update` without a coroutine, for most updates: those of an AoR that no other
+        update holds.  None when the AoR is held: nothing was planned, use :meth:`update`.
+
+        Otherwise ``plan`` runs now (its exception propagates; nothing is written) and the
+        change comes back with whether it was queued for writing.  If it was, the flush calls
+        ``committed(change, None)`` once it is committed and installed, or
+        ``committed(change, LocationWriteError)``, synchronously (so the caller answers in
+        the same event-loop turn); if not, ``committed`` is never called.
+        """
+        if aor in self._aor_locks or aor in self._inflight:
+            return None
+        change, write = self._plan(aor, plan)
+        if write:
+            done: asyncio.Future[None] = self._running_loop().create_future()
+            self._enqueue(_Op(aor, change, (), done, None, committed))
+        return change, write
+
     async def _update_locked(self, aor: str, plan: Plan) -> BindingChange:
+        change, write = self._plan(aor, plan)
+        if write:
+            loop = self._running_loop()
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._enqueue(_Op(aor, change, (), loop.create_future(), waiter))
+            await waiter
+        return change
+
+    def _plan(self, aor: str, plan: Plan) -> tuple[BindingChange, bool]:
+        """``plan`` against the AoR's bindings: the change, and whether it is to be written."""
         current = self._by_aor.get(aor, ())
         change = plan(current)
         if change is None or not change.changed:
-            return change if change is not None else BindingChange(current)
+            return (change if change is not None else BindingChange(current)), False
         if change.remove_all and (change.added or change.refreshed):
             # One statement must not both delete and upsert an AoR's rows (order undefined).
             raise ValueError("remove_all cannot be combined with added or refreshed bindings")
         if self._closed:
             raise LocationWriteError("location service is closed")
-        loop = self._running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        self._enqueue(_Op(aor, change, (), loop.create_future(), waiter))
-        await waiter
-        return change
+        return change, True
 
     async def remove(self, aor: str) -> int:
         """Remove every binding of ``aor`` (``ul.rm``); returns how many were in memory.
@@ -722,11 +760,14 @@ class LocationService:
         return text if len(text.encode()) < _NOTICE_MAX else None
 
     def _commit(self, batch: list[_Op], deleted: set[tuple[str, str]]) -> None:
+        # The whole batch is in memory before any caller hears of its change: a callback
+        # answers right here (update_soon), and what it triggers may read other AoRs.
         for op in batch:
             if op.change is not None:
                 self._install(op.aor, op.change.bindings)
             if self._inflight.get(op.aor) is op.done:
                 del self._inflight[op.aor]
+        for op in batch:
             op.finish()
             for b in op.expired:
                 # Only the node whose DELETE removed the row raises the event.

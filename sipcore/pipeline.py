@@ -15,9 +15,11 @@ the same stages in the same order::
 ``RELAY``     the stateful proxy forwards to the targets (§16.6-16.7); offline/unknown answered.
 
 A handler is ``handler(ctx) -> bool | Awaitable[bool]``: True means the request was dealt with
-(answered, stored, relayed) and the walk stops; False passes it on. Handlers registered for a
-stage run in registration order, optionally filtered by method. Modules add handlers through
-:meth:`Pipeline.add`; the core never learns their names.
+(answered, stored, relayed) and the walk stops; False passes it on.  A handler that finishes
+from another callback (the registrar, from the location service's commit) returns a
+:class:`Later` and settles it there: the walk then goes on in that callback, with no task.
+Handlers registered for a stage run in registration order, optionally filtered by method.
+Modules add handlers through :meth:`Pipeline.add`; the core never learns their names.
 
 Events (:class:`EventBus`) carry what happened elsewhere: ``ContactRegistered``,
 ``DialogConfirmed``, ``CallEnded``... Listeners are plain callables or coroutine functions.
@@ -29,7 +31,7 @@ import asyncio
 import enum
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sipcore.pipeline")
 
-__all__ = ["EventBus", "Pipeline", "RequestContext", "Stage", "Target"]
+__all__ = ["EventBus", "Later", "Pipeline", "RequestContext", "Stage", "Target"]
 
 
 class Stage(enum.IntEnum):
@@ -106,6 +108,70 @@ class RequestContext:
         return True
 
 
+Settled = Callable[[bool, "BaseException | None"], None]
+
+
+class Later:
+    """A verdict that comes after the call that returns it, handed on by a plain callback.
+
+    What a handler returns when it finishes from another callback rather than a coroutine:
+    the registrar answers from the location service's commit, and the walk goes on right
+    there, with no task and no event-loop turn in between.  Settled once, by
+    :meth:`resolve` or :meth:`fail`; one consumer, by :meth:`then` or by awaiting it.
+    """
+
+    __slots__ = ("_callback", "_consumed", "_outcome")
+
+    def __init__(self) -> None:
+        self._callback: Settled | None = None
+        self._consumed = False
+        self._outcome: tuple[bool, BaseException | None] | None = None
+
+    @property
+    def settled(self) -> bool:
+        return self._outcome is not None
+
+    def then(self, callback: Settled) -> None:
+        """Call ``callback(done, error)`` once settled: now if it is."""
+        if self._consumed:
+            raise RuntimeError("a Later has one consumer")
+        self._consumed = True
+        outcome = self._outcome
+        if outcome is None:
+            self._callback = callback
+        else:
+            callback(*outcome)
+
+    def resolve(self, done: bool) -> None:
+        self._settle((done, None))
+
+    def fail(self, error: BaseException) -> None:
+        self._settle((False, error))
+
+    def _settle(self, outcome: tuple[bool, BaseException | None]) -> None:
+        if self._outcome is not None:
+            raise RuntimeError("a Later is settled once")
+        self._outcome = outcome
+        callback = self._callback
+        if callback is not None:
+            self._callback = None
+            callback(*outcome)
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def settled(done: bool, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(done)
+            else:
+                future.set_exception(error)
+
+        self.then(settled)
+        return future.__await__()
+
+
 Handler = Callable[[RequestContext], "bool | Awaitable[bool]"]
 
 
@@ -121,6 +187,8 @@ class Pipeline:
         self._stages: list[list[_Entry]] = [[] for _ in Stage]
         self._flat: tuple[_Entry, ...] = ()  # every entry in walk order
         self.errors = 0
+        #: Tasks finishing a walk after a Later (rare: the registrar's ends the walk).
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def add(self, stage: Stage, handler: Handler, *, methods: Collection[str] | None = None,
             name: str = "", first: bool = False) -> None:
@@ -141,13 +209,15 @@ class Pipeline:
         if rest is not None:
             await rest
 
-    def start(self, ctx: RequestContext, first: int = 0) -> Coroutine[Any, Any, None] | None:
+    def start(self, ctx: RequestContext,
+              first: int = 0) -> Coroutine[Any, Any, None] | Later | None:
         """Walk the stages (from entry ``first``) as far as the handlers answer synchronously.
 
         Returns None when the walk is over, or a coroutine that finishes it from the first
-        handler that returned an awaitable.  Most requests a server answers itself (401/407
-        challenges, OPTIONS, 404, in-dialog relays) never wait for anything, so they cost no
-        task and no event-loop round trip.
+        handler that returned an awaitable, or a :class:`Later`, settled when the walk is
+        over, from the first that returned one.  Most requests a server answers itself
+        (401/407 challenges, OPTIONS, 404, in-dialog relays) never wait for anything, so they
+        cost no task and no event-loop round trip; a REGISTER costs no task either.
         """
         method = ctx.request.method
         flat = self._flat
@@ -158,6 +228,8 @@ class Pipeline:
                     continue
                 result = entry.handler(ctx)
                 if not isinstance(result, bool):
+                    if isinstance(result, Later):
+                        return self._follow(ctx, result, index + 1)
                     return self._resume(ctx, result, index + 1)
                 if result or ctx.replied:
                     return None
@@ -178,10 +250,34 @@ class Pipeline:
             if rest is not None:
                 await rest
 
-    def _failed(self, ctx: RequestContext) -> None:
+    def _follow(self, ctx: RequestContext, verdict: Later, index: int) -> Later:
+        """The walk's end as a Later, once ``verdict`` settles and what follows it is done."""
+        walk = Later()
+
+        def settled(done: bool, error: BaseException | None) -> None:
+            if error is not None:
+                self._failed(ctx, error)
+            elif not (done or ctx.replied):
+                rest = self.start(ctx, index)
+                if isinstance(rest, Later):
+                    rest.then(lambda _done, _error: walk.resolve(True))
+                    return
+                if rest is not None:
+                    task = asyncio.ensure_future(rest)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(lambda _task: walk.resolve(True))
+                    return
+            walk.resolve(True)
+
+        verdict.then(settled)
+        return walk
+
+    def _failed(self, ctx: RequestContext, error: BaseException | None = None) -> None:
         self.errors += 1
         method = ctx.request.method
-        log.exception("event=pipeline_error method=%s call_id=%s", method, ctx.request.call_id)
+        log.error("event=pipeline_error method=%s call_id=%s", method, ctx.request.call_id,
+                  exc_info=error if error is not None else True)
         if not ctx.replied and method != "ACK":
             ctx.reply(500, "Server Internal Error")
 

@@ -47,6 +47,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from functools import partial
 
 from sipcore import transaction as txn
 from sipcore import workers
@@ -54,7 +55,7 @@ from sipcore.checks import request_checks
 from sipcore.errors import SipParseError
 from sipcore.latency import LatencyHistogram
 from sipcore.message import Request, Response, build_request, parse_message
-from sipcore.pipeline import EventBus, Pipeline, RequestContext, Stage, Target
+from sipcore.pipeline import EventBus, Later, Pipeline, RequestContext, Stage, Target
 from sipcore.stack import SipStack
 from sipcore.transport_types import Peer
 from sipcore.uri import SipUri
@@ -556,6 +557,9 @@ class ProxyCore:
         if rest is None:
             self._walked(ctx, started)
             return
+        if isinstance(rest, Later):
+            rest.then(partial(self._walked_later, ctx, started))
+            return
         task = self.loop.create_task(self._finish(ctx, rest, started))
         self._tasks.add(task)
 
@@ -568,6 +572,10 @@ class ProxyCore:
             task = asyncio.current_task(self.loop)
             if task is not None:
                 self._tasks.discard(task)
+
+    def _walked_later(self, ctx: RequestContext, started: float, done: bool,
+                      error: BaseException | None) -> None:
+        self._walked(ctx, started)
 
     def _walked(self, ctx: RequestContext, started: float) -> None:
         """Time the pipeline walk: from the request's arrival until it was answered or

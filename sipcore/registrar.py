@@ -43,11 +43,13 @@ gateways).  It never answers itself, so msilo, gateways and the relay decide.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
+from functools import partial
 from typing import Final
 
 from sipcore.errors import SipParseError
@@ -56,9 +58,10 @@ from sipcore.location import (
     BindingChange,
     LocationService,
     LocationWriteError,
+    Plan,
     aor_of,
 )
-from sipcore.pipeline import RequestContext, Target
+from sipcore.pipeline import Later, RequestContext, Target
 from sipcore.subscribers import SubscriberStore
 from sipcore.uri import SipUri
 
@@ -104,6 +107,10 @@ class _Reject(Exception):
         self.reason = reason
         self.label = label
         self.headers = headers
+
+
+#: What the registrar answers itself when planning or writing a change raises it.
+_ANSWERED: Final = (_Reject, SipParseError, LocationWriteError)
 
 
 class _Contact:
@@ -204,30 +211,110 @@ class Registrar:
         self._date = _HttpDate()
         #: Outcomes by label ("ok", "423", "foreign_domain", ...) for metrics.
         self.stats: Counter[str] = Counter()
+        #: REGISTERs waiting behind another update of their AoR (rare).
+        self._tasks: set[asyncio.Task[bool]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def __call__(self, ctx: RequestContext) -> bool:
+    def __call__(self, ctx: RequestContext) -> bool | Awaitable[bool]:
+        """The REGISTRAR stage: a REGISTER is answered through the :class:`Later` returned
+        (settled once it is, mostly from the location commit, with no task); anything else
+        passes (False).
+
+        The work starts in the next event-loop turn, after the other datagrams of this one:
+        measured under SIPp (4,200 pairs/s, 100,000 contacts), that cost 1-4 % less CPU per
+        REGISTER pair than the task it replaces, and running it inline cost 1-8 % more,
+        although it takes the fewest instructions (README run 9).
+        """
         if ctx.request.method != "REGISTER":
             return False
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            loop = self._loop = asyncio.get_running_loop()
+        later = Later()
+        loop.call_soon(self._begin, ctx, later)
+        return later
+
+    def _begin(self, ctx: RequestContext, later: Later) -> None:
         try:
-            return await self._register(ctx)
-        except _Reject as rej:
-            self.stats[rej.label] += 1
+            done = self._start(ctx, later)
+        except Exception as exc:  # a bug: the pipeline logs it and answers 500
+            later.fail(exc)
+            return
+        if done is not None:
+            later.resolve(done)
+
+    def _start(self, ctx: RequestContext, later: Later) -> bool | None:
+        """Plan and queue the change: the verdict, or None when ``later`` gets it later."""
+        try:
+            aor, plan, now, path = self._prepare(ctx)
+            started = self.location.update_soon(
+                aor, plan, partial(self._committed, ctx, aor, now, path, later)
+            )
+        except _ANSWERED as exc:
+            return self._rejected(ctx, exc)
+        if started is None:  # the AoR has an update in flight: queue behind it
+            task = asyncio.ensure_future(self._register_queued(ctx, aor, plan, now, path))
+            self._tasks.add(task)
+            task.add_done_callback(partial(self._queued_done, later))
+            return None
+        change, queued = started
+        return None if queued else self._answer(ctx, aor, now, path, change)
+
+    def _queued_done(self, later: Later, task: asyncio.Task[bool]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            later.resolve(True)  # the server is stopping: nothing more to answer
+            return
+        error = task.exception()
+        if error is not None:
+            later.fail(error)
+        else:
+            later.resolve(task.result())
+
+    def _committed(self, ctx: RequestContext, aor: str, now: float, path: tuple[str, ...],
+                   later: Later, change: BindingChange, error: BaseException | None) -> None:
+        if error is not None:
+            if isinstance(error, _ANSWERED):
+                later.resolve(self._rejected(ctx, error))
+            else:
+                later.fail(error)
+            return
+        try:
+            done = self._answer(ctx, aor, now, path, change)
+        except Exception as exc:  # a bug: the pipeline logs it and answers 500
+            later.fail(exc)
+            return
+        later.resolve(done)
+
+    async def _register_queued(self, ctx: RequestContext, aor: str, plan: Plan, now: float,
+                               path: tuple[str, ...]) -> bool:
+        try:
+            change = await self.location.update(aor, plan)
+        except _ANSWERED as exc:
+            return self._rejected(ctx, exc)
+        return self._answer(ctx, aor, now, path, change)
+
+    def _rejected(self, ctx: RequestContext, exc: Exception) -> bool:
+        if isinstance(exc, _Reject):
+            self.stats[exc.label] += 1
             log.info(
                 "event=register_rejected status=%d reason=%s call_id=%s source=%s",
-                rej.status,
-                rej.label,
+                exc.status,
+                exc.label,
                 ctx.request.call_id,
                 ctx.source,
             )
-            return ctx.reply(rej.status, rej.reason, rej.headers)
-        except SipParseError as exc:
+            return ctx.reply(exc.status, exc.reason, exc.headers)
+        if isinstance(exc, SipParseError):
             self.stats["bad_request"] += 1
             return ctx.reply(exc.status, exc.reason, exc.headers)
-        except LocationWriteError:
-            self.stats["db_error"] += 1
-            return ctx.reply(500, "Server Internal Error")
+        self.stats["db_error"] += 1  # LocationWriteError
+        return ctx.reply(500, "Server Internal Error")
 
-    async def _register(self, ctx: RequestContext) -> bool:
+    def _prepare(self, ctx: RequestContext) -> tuple[str, Plan, float, tuple[str, ...]]:
+        """Steps 1-7 of §10.3 up to the change itself: the AoR, the plan of its change (which
+        raises :class:`_Reject` for what depends on the current bindings), the time and the
+        Path.  Raises :class:`_Reject` or :class:`SipParseError`."""
         req = ctx.request
         settings = self.settings
 
@@ -376,9 +463,12 @@ class Registrar:
                 tuple(by_contact.values()), tuple(added), tuple(refreshed), tuple(removed)
             )
 
-        change = await self.location.update(aor, plan)
+        return aor, plan, now, path
 
-        # Step 8.
+    def _answer(self, ctx: RequestContext, aor: str, now: float, path: tuple[str, ...],
+                change: BindingChange) -> bool:
+        """Step 8: the 200 OK with the bindings, then the events."""
+        req = ctx.request
         headers: list[tuple[str, str]] = []
         for b in change.bindings:
             value = f"<{b.contact}>;expires={b.expires_in(now)}"

@@ -613,3 +613,61 @@ async def test_a_change_too_big_for_a_notification_names_only_the_aor(
 
     assert notice(small).startswith(f"{aor}\tD\t[[],[[")
     assert notice(big) == aor
+
+
+async def test_update_soon_calls_back_from_the_flush_with_the_batch_installed(
+    location: LocationService, db_pool: asyncpg.Pool
+) -> None:
+    # The registrar's path for most REGISTERs: no coroutine; the callback answers from the
+    # flush, and by then the whole batch is committed and in memory.
+    heard: list[tuple[str, BindingChange, BaseException | None, int]] = []
+    aors = ["sip:ann@example.com", "sip:ben@example.com"]
+
+    def committed(aor: str) -> Callable[[BindingChange, BaseException | None], None]:
+        def callback(change: BindingChange, error: BaseException | None) -> None:
+            heard.append((aor, change, error, sum(len(location.lookup(a)) for a in aors)))
+        return callback
+
+    started = [location.update_soon(a, add(binding(a, f"sip:{i}@10.0.0.2")), committed(a))
+               for i, a in enumerate(aors)]
+    assert [s is not None and s[1] for s in started] == [True, True]
+    assert location.lookup(aors[0]) == () and heard == []  # nothing before the commit
+    # While its write is in flight the AoR is held: update_soon declines and plans nothing.
+    assert location.update_soon(aors[0], lambda current: pytest.fail("planned"),
+                                committed(aors[0])) is None
+    await eventually(lambda: len(heard) == 2, "both callbacks")
+    assert [(aor, error, seen) for aor, _, error, seen in heard] == [
+        (aors[0], None, 2), (aors[1], None, 2)]
+    assert heard[0][1] is started[0][0]  # type: ignore[index]
+    assert await db_pool.fetchval("SELECT count(*) FROM location") == 2
+    # No change to write: the change at once, and no callback.
+    unchanged = location.update_soon(aors[0], lambda current: None, committed(aors[0]))
+    assert unchanged is not None and unchanged[1] is False
+    assert unchanged[0].bindings == location.lookup(aors[0])
+    await asyncio.sleep(0.05)
+    assert len(heard) == 2
+
+
+async def test_update_soon_reports_a_failed_write_and_survives_a_failing_callback(
+    db_pool: asyncpg.Pool, bus: EventBus, clean: None
+) -> None:
+    gate = RefusingPool(db_pool, refuse=False, refuse_queries=True)
+    service = LocationService(gate, bus)  # type: ignore[arg-type]
+    heard: list[BaseException | None] = []
+
+    def broken(change: BindingChange, error: BaseException | None) -> None:
+        heard.append(error)
+        raise RuntimeError("the caller's bug")
+
+    try:
+        aor = "sip:cy@example.com"
+        assert service.update_soon(aor, add(binding(aor, "sip:c@10.0.0.3")), broken)
+        await eventually(lambda: heard, "the callback")
+        assert isinstance(heard[0], LocationWriteError) and service.lookup(aor) == ()
+        # The flush that called the failing callback went on: the next write works.
+        gate.refuse_queries = False
+        assert service.update_soon(aor, add(binding(aor, "sip:c@10.0.0.3")), broken)
+        await eventually(lambda: len(heard) == 2, "the second callback")
+        assert heard[1] is None and len(service.lookup(aor)) == 1
+    finally:
+        await service.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from email.utils import parsedate_to_datetime
 
 import asyncpg
@@ -23,7 +23,7 @@ from sipcore.location import (
     LocationService,
 )
 from sipcore.message import Request, Response
-from sipcore.pipeline import EventBus, Target
+from sipcore.pipeline import EventBus, Later, Target
 from sipcore.registrar import LocationLookup, Registrar, RegistrarSettings
 from sipcore.subscribers import SubscriberStore
 from sipcore.transport_types import Peer
@@ -72,8 +72,14 @@ async def send(
     ctx = context(req, source, user=user, user_domain=DOMAIN if user else None)
     if extra:
         ctx.response_headers.extend(extra)
-    assert await registrar(ctx) is True
+    assert await answered(registrar(ctx)) is True
     return recorder_of(ctx).last
+
+
+async def answered(verdict: bool | Awaitable[bool]) -> bool:
+    """A pipeline handler's verdict, once it is in (the registrar's: a Later for a REGISTER,
+    False for anything else)."""
+    return verdict if isinstance(verdict, bool) else await verdict
 
 
 def contacts_of(resp: Response) -> dict[str, dict[str, str | None]]:
@@ -353,7 +359,7 @@ async def test_events_are_emitted_after_the_answer(registrar: Registrar, bus: Ev
     req = register("alice", ["<sip:a@1>"])
     ctx = context(req, user="alice", user_domain=DOMAIN)
     bus.subscribe(ContactRegistered, lambda e: answered_first.append(ctx.replied))
-    await registrar(ctx)
+    await answered(registrar(ctx))
     assert answered_first == [True]
 
 
@@ -482,3 +488,30 @@ async def test_lookup_offline_unknown_and_foreign(lookup: LocationLookup) -> Non
     assert "location" not in attrs and targets == []
     attrs, _ = await run_lookup(lookup, "tel:+4930123456")
     assert "location" not in attrs
+
+
+async def test_registers_of_one_aor_in_flight_together_are_answered_in_order(
+    registrar: Registrar, location: LocationService
+) -> None:
+    # Each REGISTER starts in the next event-loop turn. The first is answered from the
+    # location commit (no task); the second finds the AoR held by that write and waits
+    # behind it in a task, then plans against it.
+    first = context(register("alice", ["<sip:a@1>"], cseq=1), user="alice", user_domain=DOMAIN)
+    second = context(register("alice", ["<sip:b@2>"], cseq=2), user="alice", user_domain=DOMAIN)
+    verdicts = [registrar(first), registrar(second)]
+    assert all(isinstance(v, Later) and not v.settled for v in verdicts)
+    assert recorder_of(first).responses == []
+    assert await answered(verdicts[1]) is True
+    assert isinstance(verdicts[0], Later) and verdicts[0].settled
+    assert set(contacts_of(recorder_of(first).last)) == {"sip:a@1"}
+    assert set(contacts_of(recorder_of(second).last)) == {"sip:a@1", "sip:b@2"}
+    assert not registrar._tasks
+    # A REGISTER that changes nothing (a query) is answered without a write.
+    flushes = location.stats["flushes"]
+    query = context(register("alice"), user="alice", user_domain=DOMAIN)
+    assert await answered(registrar(query)) is True
+    assert len(contacts_of(recorder_of(query).last)) == 2
+    assert location.stats["flushes"] == flushes
+    # Anything else passes at once.
+    options = request("OPTIONS", f"sip:alice@{DOMAIN}", from_uri=AOR, to_uri=AOR)
+    assert registrar(context(options)) is False
