@@ -598,7 +598,7 @@ class LocationService:
         change comes back with whether it was queued for writing.  If it was, the flush calls
         ``committed(change, None)`` once it is committed and installed, or
         ``committed(change, LocationWriteError)``, synchronously (so the caller answers in
-        the same event-loop turn); if not, ``committed`` is never called.
+        the flush's own event-loop turn); if not, ``committed`` is never called.
         """
         if aor in self._aor_locks or aor in self._inflight:
             return None
