@@ -321,7 +321,7 @@ class BindingChange:
 
 Plan = Callable[[tuple[Binding, ...]], BindingChange | None]
 #: ``update_soon``'s callback: the change, and None or the LocationWriteError.
-Committed = Callable[[BindingChange, BaseException | None], None]
+Committed = Callable[[BindingChange, "LocationWriteError | None"], None]
 
 
 class _Op:
@@ -351,7 +351,7 @@ class _Op:
         #: Or the updating caller's callback (:meth:`LocationService.update_soon`).
         self.committed = committed
 
-    def finish(self, error: BaseException | None = None) -> None:
+    def finish(self, error: LocationWriteError | None = None) -> None:
         if not self.done.done():
             self.done.set_result(None)
         waiter = self.waiter

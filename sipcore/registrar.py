@@ -272,12 +272,9 @@ class Registrar:
             later.resolve(task.result())
 
     def _committed(self, ctx: RequestContext, aor: str, now: float, path: tuple[str, ...],
-                   later: Later, change: BindingChange, error: BaseException | None) -> None:
+                   later: Later, change: BindingChange, error: LocationWriteError | None) -> None:
         if error is not None:
-            if isinstance(error, _ANSWERED):
-                later.resolve(self._rejected(ctx, error))
-            else:
-                later.fail(error)
+            later.resolve(self._rejected(ctx, error))
             return
         try:
             done = self._answer(ctx, aor, now, path, change)
