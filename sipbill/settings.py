@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sipbill.configschema import ConfigError, load_section, secret_field
-from sipcore.auth import AuthSettings
-from sipcore.registrar import RegistrarSettings
+from sipcore.settings import AuthSettings, RegistrarSettings
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 TransportName = Literal["udp", "tcp"]

@@ -52,11 +52,9 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Final
 
 from sipcore.digest import (
-    ALGORITHMS,
     AuthStatus,
     DigestCredentials,
     DigestVerifier,
@@ -66,6 +64,7 @@ from sipcore.digest import (
 from sipcore.errors import SipParseError
 from sipcore.pipeline import RequestContext
 from sipcore.ratelimit import FailureCounter
+from sipcore.settings import AuthSettings
 from sipcore.subscribers import MISS, Subscriber, SubscriberStore
 from sipcore.uri import SipUri
 
@@ -74,36 +73,6 @@ __all__ = ["AuthSettings", "DigestAuth", "realms_for_domains"]
 log = logging.getLogger("sipcore.auth")
 
 _MAX_BLOCKED: Final = 100_000
-
-
-@dataclass(frozen=True, slots=True)
-class AuthSettings:
-    """``[auth]``: digest policy and the brute-force limits (times in seconds)."""
-
-    nonce_ttl: float = 300.0  # for the NonceIssuer the composition root builds
-    require_qop: bool = True  # refuse the RFC 2069 form (no qop, so no nonce count)
-    algorithms: tuple[str, ...] = ALGORITHMS  # offered in this order: SHA-256, MD5
-    check_uri: bool = True  # credentials' uri must equal the Request-URI (RFC 7616 §3.4.6)
-    failure_window: float = 60.0
-    source_failure_limit: int = 20  # failures per source within the window -> blocked
-    user_failure_limit: int = 40  # failures per user@realm within the window; 0: no block
-    block_seconds: float = 300.0
-
-    def validate(self) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        if self.nonce_ttl <= 0:
-            problems.append(("nonce_ttl", "must be positive"))
-        if not self.algorithms or not set(self.algorithms) <= set(ALGORITHMS):
-            problems.append(("algorithms", f"must be a non-empty subset of {list(ALGORITHMS)}"))
-        if self.failure_window <= 0:
-            problems.append(("failure_window", "must be positive"))
-        if not 1 <= self.source_failure_limit <= 1000:
-            problems.append(("source_failure_limit", "must be 1-1000"))
-        if not 0 <= self.user_failure_limit <= 1000:
-            problems.append(("user_failure_limit", "must be 0-1000 (0 disables)"))
-        if self.block_seconds <= 0:
-            problems.append(("block_seconds", "must be positive"))
-        return problems
 
 
 def realms_for_domains(

@@ -47,7 +47,6 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from email.utils import formatdate
 from functools import partial
 from typing import Final
@@ -62,6 +61,7 @@ from sipcore.location import (
     aor_of,
 )
 from sipcore.pipeline import Later, RequestContext, Target
+from sipcore.settings import RegistrarSettings
 from sipcore.subscribers import SubscriberStore
 from sipcore.uri import SipUri
 
@@ -72,28 +72,6 @@ log = logging.getLogger("sipcore.registrar")
 #: RFC 3261 §10.3 step 7: 423 only for intervals "smaller than one hour".
 _ONE_HOUR: Final = 3600
 _USER_AGENT_MAX: Final = 256
-
-
-@dataclass(frozen=True, slots=True)
-class RegistrarSettings:
-    """``[registrar]``: binding lifetimes in seconds and the per-AoR contact limit."""
-
-    default_expires: int = 3600  # when neither the contact nor the request says
-    min_expires: int = 60  # shorter (non-zero) requests get 423 with Min-Expires
-    max_expires: int = 7200  # longer requests are shortened to this
-    max_contacts: int = 10  # per AoR; a REGISTER adding more gets 403
-
-    def validate(self) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        if self.min_expires < 1:
-            problems.append(("min_expires", "must be at least 1"))
-        if self.max_expires < self.min_expires:
-            problems.append(("max_expires", "must not be smaller than min_expires"))
-        if not self.min_expires <= self.default_expires <= self.max_expires:
-            problems.append(("default_expires", "must be between min_expires and max_expires"))
-        if self.max_contacts < 1:
-            problems.append(("max_contacts", "must be at least 1"))
-        return problems
 
 
 class _Reject(Exception):
