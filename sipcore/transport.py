@@ -31,9 +31,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from sipcore import accel
 from sipcore.errors import SipParseError
@@ -257,7 +257,9 @@ class Transports:
             reuse_port=reuse_port or None, backlog=1024,
         )
         self._servers.append(server)
-        bound = server.sockets[0].getsockname()[:2]
+        # typeshed says a tuple; uvloop's Server gives a list, which compiled code refuses.
+        sockets: Sequence[socket.socket] = cast(Any, server).sockets
+        bound = sockets[0].getsockname()[:2]
         self.local.setdefault("TCP", (str(bound[0]), int(bound[1])))
         self._arm_sweeper()
         return str(bound[0]), int(bound[1])
