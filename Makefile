@@ -6,19 +6,27 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install run test lint typecheck bench clean
 
-# setup.py builds the optional C accelerators (parser, UDP sends): reinstall when they change.
+NATIVE := $(VENV)/.native
+
+# setup.py builds the optional C accelerators (parser, UDP sends) and compiles the modules in
+# sipcore.COMPILED with mypyc: reinstall when the build changes, recompile when a module does
+# (until then the edited module runs as Python; see sipcore/__init__.py).
 $(STAMP): pyproject.toml setup.py sipcore/_fastparse.c sipcore/_udpsend.c
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(NATIVE)
 
-install: $(STAMP)
+$(NATIVE): $(STAMP) $(wildcard sipcore/*.py)
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $(NATIVE)
 
-run: $(STAMP)
+install: $(STAMP) $(NATIVE)
+
+run: install
 	$(BIN)/sipbill serve --config config/demo.toml
 
-test: $(STAMP)
+test: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q

@@ -34,6 +34,7 @@ from typing import Any, Final
 import asyncpg
 from aiohttp import web
 
+import sipcore
 from sipbill.control import ControlServer, MethodRegistry
 from sipbill.coremethods import core_stats, register_core_methods
 from sipbill.db import EmbeddedPostgres, create_pool, migrate
@@ -336,7 +337,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None,
         return 1
     tune_gc()
     app.gc_pacer.start()
-    log.info("event=started")
+    log.info("event=started native=%s core=%r", sipcore.NATIVE, sipcore.NATIVE_STATUS)
     try:
         await stop.wait()
     finally:

@@ -54,6 +54,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Final
 
+from sipcore import coro
 from sipcore.digest import (
     AuthStatus,
     DigestCredentials,
@@ -193,25 +194,12 @@ class DigestAuth:
 
         subscriber = self.subscribers.peek(creds.username, domain)
         if subscriber is MISS:
-            return self._lookup_and_check(ctx, creds, user, domain, realm, proxy, now, mono,
-                                          user_key)
+            return coro.apply(
+                self.subscribers.get(creds.username, domain),
+                lambda found: self._check(ctx, creds, found, user, domain, realm, proxy, now, mono,
+                                          user_key),
+            )
         # Cached (a phone refreshing, or the answer to its own challenge): no task, no await.
-        return self._check(ctx, creds, subscriber, user, domain, realm, proxy, now, mono,
-                           user_key)
-
-    async def _lookup_and_check(
-        self,
-        ctx: RequestContext,
-        creds: DigestCredentials,
-        user: str | None,
-        domain: str,
-        realm: str,
-        proxy: bool,
-        now: float,
-        mono: float,
-        user_key: str,
-    ) -> bool:
-        subscriber = await self.subscribers.get(creds.username, domain)
         return self._check(ctx, creds, subscriber, user, domain, realm, proxy, now, mono,
                            user_key)
 

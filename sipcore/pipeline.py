@@ -33,8 +33,10 @@ import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from sipcore import coro
 from sipcore.message import Request
 from sipcore.transport_types import Peer
 
@@ -203,11 +205,9 @@ class Pipeline:
     def handlers(self, stage: Stage) -> list[str]:
         return [e.name for e in self._stages[stage]]
 
-    async def run(self, ctx: RequestContext) -> None:
+    def run(self, ctx: RequestContext) -> Awaitable[None]:
         """Walk the stages; a handler error answers 500 instead of hanging the transaction."""
-        rest = self.start(ctx)
-        if rest is not None:
-            await rest
+        return coro.run(partial(self.start, ctx))
 
     def start(self, ctx: RequestContext,
               first: int = 0) -> Coroutine[Any, Any, None] | Later | None:
@@ -230,7 +230,8 @@ class Pipeline:
                 if not isinstance(result, bool):
                     if isinstance(result, Later):
                         return self._follow(ctx, result, index + 1)
-                    return self._resume(ctx, result, index + 1)
+                    return coro.resume(result, partial(self._resumed, ctx, index + 1),
+                                       partial(self._failed, ctx))
                 if result or ctx.replied:
                     return None
             if not ctx.replied:
@@ -239,16 +240,12 @@ class Pipeline:
             self._failed(ctx)
         return None
 
-    async def _resume(self, ctx: RequestContext, pending: Awaitable[bool], index: int) -> None:
-        try:
-            done = await pending
-        except Exception:
-            self._failed(ctx)
-            return
-        if not (done or ctx.replied):
-            rest = self.start(ctx, index)
-            if rest is not None:
-                await rest
+    def _resumed(self, ctx: RequestContext, index: int,
+                 done: bool) -> Coroutine[Any, Any, None] | Later | None:
+        """The rest of the walk, from entry ``index``, after a handler that awaited."""
+        if done or ctx.replied:
+            return None
+        return self.start(ctx, index)
 
     def _follow(self, ctx: RequestContext, verdict: Later, index: int) -> Later:
         """The walk's end as a Later, once ``verdict`` settles and what follows it is done."""
@@ -316,7 +313,6 @@ class EventBus:
         if not task.cancelled() and task.exception() is not None:
             log.error("event=listener_error exc=%r", task.exception())
 
-    async def drain(self) -> None:
+    def drain(self) -> Awaitable[None]:
         """Wait for running listener tasks (shutdown, tests)."""
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        return coro.wait_for_all(self._tasks)

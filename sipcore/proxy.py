@@ -49,8 +49,8 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
+from sipcore import coro, workers
 from sipcore import transaction as txn
-from sipcore import workers
 from sipcore.checks import request_checks
 from sipcore.errors import SipParseError
 from sipcore.latency import LatencyHistogram
@@ -560,18 +560,9 @@ class ProxyCore:
         if isinstance(rest, Later):
             rest.then(partial(self._walked_later, ctx, started))
             return
-        task = self.loop.create_task(self._finish(ctx, rest, started))
+        task = self.loop.create_task(
+            coro.finish(rest, partial(self._walked, ctx, started), self._tasks))
         self._tasks.add(task)
-
-    async def _finish(self, ctx: RequestContext, rest: Awaitable[None], started: float) -> None:
-        try:
-            await rest
-            self._walked(ctx, started)
-        finally:
-            # Here rather than in a done callback: that costs a loop callback per task.
-            task = asyncio.current_task(self.loop)
-            if task is not None:
-                self._tasks.discard(task)
 
     def _walked_later(self, ctx: RequestContext, started: float, done: bool,
                       error: BaseException | None) -> None:
@@ -812,11 +803,9 @@ class ProxyCore:
             self.stack.send_request(data, parsed, dest, _IgnoreResponses())
         self._end(d, reason)
 
-    async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    def close(self) -> Awaitable[None]:
+        """Cancels the tasks still finishing walks, and waits for them, when awaited."""
+        return coro.cancel_and_wait(self._tasks)
 
 
 class _IgnoreResponses:

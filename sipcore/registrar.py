@@ -51,6 +51,7 @@ from email.utils import formatdate
 from functools import partial
 from typing import Final
 
+from sipcore import coro
 from sipcore.errors import SipParseError
 from sipcore.location import (
     Binding,
@@ -62,7 +63,7 @@ from sipcore.location import (
 )
 from sipcore.pipeline import Later, RequestContext, Target
 from sipcore.settings import RegistrarSettings
-from sipcore.subscribers import SubscriberStore
+from sipcore.subscribers import Subscriber, SubscriberStore
 from sipcore.uri import SipUri
 
 __all__ = ["LocationLookup", "Registrar", "RegistrarSettings"]
@@ -231,7 +232,12 @@ class Registrar:
         except _ANSWERED as exc:
             return self._rejected(ctx, exc)
         if started is None:  # the AoR has an update in flight: queue behind it
-            task = asyncio.ensure_future(self._register_queued(ctx, aor, plan, now, path))
+            task = asyncio.ensure_future(coro.recover(
+                self.location.update(aor, plan),
+                partial(self._answer, ctx, aor, now, path),
+                _ANSWERED,
+                partial(self._rejected, ctx),
+            ))
             self._tasks.add(task)
             task.add_done_callback(partial(self._queued_done, later))
             return None
@@ -260,14 +266,6 @@ class Registrar:
             later.fail(exc)
             return
         later.resolve(done)
-
-    async def _register_queued(self, ctx: RequestContext, aor: str, plan: Plan, now: float,
-                               path: tuple[str, ...]) -> bool:
-        try:
-            change = await self.location.update(aor, plan)
-        except _ANSWERED as exc:
-            return self._rejected(ctx, exc)
-        return self._answer(ctx, aor, now, path, change)
 
     def _rejected(self, ctx: RequestContext, exc: Exception) -> bool:
         if isinstance(exc, _Reject):
@@ -512,12 +510,12 @@ class LocationLookup:
                 ctx.targets = targets
                 attrs["location"] = "found"
                 return False
-        return self._offline_or_unknown(ctx, uri.user, host)
+        return coro.apply(self.subscribers.get(uri.user, host), partial(_offline_or_unknown, ctx))
 
-    async def _offline_or_unknown(self, ctx: RequestContext, user: str, domain: str) -> bool:
-        known = await self.subscribers.get(user, domain) is not None
-        ctx.attrs["location"] = "offline" if known else "unknown"
-        return False
+
+def _offline_or_unknown(ctx: RequestContext, subscriber: Subscriber | None) -> bool:
+    ctx.attrs["location"] = "offline" if subscriber is not None else "unknown"
+    return False
 
 
 def _minus_q(target: Target) -> float:

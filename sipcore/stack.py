@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from sipcore import transaction as txn
@@ -257,8 +257,9 @@ class SipStack:
         self.layer.handle_timer(self.loop.time())
         self.pump()
 
-    async def close(self) -> None:
+    def close(self) -> Awaitable[None]:
+        """Stop the timer now; the returned awaitable closes the transports."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        await self.transports.close()
+        return self.transports.close()
