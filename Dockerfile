@@ -24,12 +24,14 @@ RUN groupadd --system sipbill \
 WORKDIR /opt/sipbill
 COPY . /opt/sipbill
 # gcc only for the build: the optional C accelerators (sipcore/_fastparse.c, about 3x faster
-# parsing; sipcore/_udpsend.c, batched UDP sends) are compiled, then the compiler is removed.
+# parsing; sipcore/_udpsend.c, batched UDP sends) and the mypyc-compiled request path
+# (sipcore.COMPILED) are built, then the compiler is removed.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends gcc libc6-dev \
     && python -m pip install --upgrade pip \
     && python -m pip install . \
-    && (cd / && python -c "import sipcore._fastparse, sipcore._udpsend") \
+    && (cd / && python -c "import sipcore, sipcore._fastparse, sipcore._udpsend; \
+assert sipcore.NATIVE, sipcore.NATIVE_STATUS") \
     && apt-get purge -y --auto-remove gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/* \
     && install -m 0644 config/docker.toml /etc/sipbill/sipbill.toml

@@ -74,16 +74,22 @@ def compiled_core() -> list[Extension]:
     return extensions
 
 
+#: The setup.py commands that build extensions (pip's build hooks run one of them).
+_BUILDING = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
+
+
 class BuildExt(build_ext):  # type: ignore[misc]
     """build_ext that compiles the core with mypyc too, and records its sources' hashes.
 
-    mypyc runs here rather than at import: setup.py is also run for metadata only, and
-    type-checking the core and generating its C takes half a minute.
+    mypyc runs here rather than at import, and only for a command that builds: setup.py is
+    also run for metadata only, and type-checking the core and generating its C takes half a
+    minute.
     """
 
     def finalize_options(self) -> None:
-        # setup.py also runs for metadata only; this runs when extensions are to be built.
-        self.native = compiled_core()
+        # egg_info (metadata, asked first by pip) also finalizes build_ext, to list sources.
+        building = set(self.distribution.commands) & _BUILDING
+        self.native = compiled_core() if building else []
         self.distribution.ext_modules = [*(self.distribution.ext_modules or []), *self.native]
         super().finalize_options()
 
