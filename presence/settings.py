@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sipcore.settings import expires_problems
+
 SECTION = "presence"
 
 
@@ -25,13 +27,7 @@ class PresenceSettings:
     max_per_watcher: int = 200
 
     def validate(self) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        if self.min_expires < 1:
-            problems.append(("min_expires", "must be at least 1"))
-        if self.max_expires < self.min_expires:
-            problems.append(("max_expires", "must not be smaller than min_expires"))
-        if not self.min_expires <= self.default_expires <= self.max_expires:
-            problems.append(("default_expires", "must be between min_expires and max_expires"))
+        problems = expires_problems(self.min_expires, self.default_expires, self.max_expires)
         if self.max_per_watcher < 1:
             problems.append(("max_per_watcher", "must be at least 1"))
         return problems

@@ -13,7 +13,21 @@ from dataclasses import dataclass
 
 from sipcore.digest import ALGORITHMS
 
-__all__ = ["AuthSettings", "RegistrarSettings"]
+__all__ = ["AuthSettings", "RegistrarSettings", "expires_problems"]
+
+
+def expires_problems(min_expires: int, default_expires: int,
+                     max_expires: int) -> list[tuple[str, str]]:
+    """What is wrong with an Expires policy (``min_expires``, ``default_expires``,
+    ``max_expires`` keys): a registrar's (RFC 3261 §10.3) or a presence server's (RFC 6665)."""
+    problems: list[tuple[str, str]] = []
+    if min_expires < 1:
+        problems.append(("min_expires", "must be at least 1"))
+    if max_expires < min_expires:
+        problems.append(("max_expires", "must not be smaller than min_expires"))
+    if not min_expires <= default_expires <= max_expires:
+        problems.append(("default_expires", "must be between min_expires and max_expires"))
+    return problems
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +70,7 @@ class RegistrarSettings:
     max_contacts: int = 10  # per AoR; a REGISTER adding more gets 403
 
     def validate(self) -> list[tuple[str, str]]:
-        problems: list[tuple[str, str]] = []
-        if self.min_expires < 1:
-            problems.append(("min_expires", "must be at least 1"))
-        if self.max_expires < self.min_expires:
-            problems.append(("max_expires", "must not be smaller than min_expires"))
-        if not self.min_expires <= self.default_expires <= self.max_expires:
-            problems.append(("default_expires", "must be between min_expires and max_expires"))
+        problems = expires_problems(self.min_expires, self.default_expires, self.max_expires)
         if self.max_contacts < 1:
             problems.append(("max_contacts", "must be at least 1"))
         return problems
