@@ -113,6 +113,7 @@ class BuildExt(build_ext):  # type: ignore[misc]
         for manifest in manifests:
             manifest.write_text(text)
 
+
 setup(
     ext_modules=[accelerator("_fastparse"), accelerator("_udpsend")],
     cmdclass={"build_ext": BuildExt},

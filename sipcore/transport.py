@@ -257,7 +257,8 @@ class Transports:
             reuse_port=reuse_port or None, backlog=1024,
         )
         self._servers.append(server)
-        # typeshed says a tuple; uvloop's Server gives a list, which compiled code refuses.
+        # typeshed says a tuple; uvloop's Server gives a list, which this module refused when
+        # it was compiled (it is not now: it has coroutines, see sipcore/__init__.py).
         sockets: Sequence[socket.socket] = cast(Any, server).sockets
         bound = sockets[0].getsockname()[:2]
         self.local.setdefault("TCP", (str(bound[0]), int(bound[1])))
