@@ -19,7 +19,8 @@ Which modules are compiled, and why not the others:
   process crashes (a database error in the location service's flush did it).  Its issue
   tracker has more of that family (mypyc#1177, mypy#12867).  So a module with an ``async def``
   or an ``await`` stays Python (``tests/sipcore/test_native.py`` holds the list to that), and
-  the few coroutines of the hot modules live in :mod:`sipcore.coro`.
+  the few coroutines of the hot modules live in :mod:`sipcore.coro`, those of the location
+  service in :mod:`sipcore.location_io`.
 * **Not message.py or headers.py:** the C parser (``_fastparse.c``) builds their classes by
   filling ``__slots__`` directly, which a compiled class does not have.
 * **Not settings.py:** config sections must keep their full annotations for
@@ -43,10 +44,11 @@ from typing import Final
 __all__ = ["COMPILED", "NATIVE", "NATIVE_STATUS"]
 
 #: What setup.py compiles (it reads this from the source): the request path's modules that
-#: have no coroutine (those they need are in :mod:`sipcore.coro`).
+#: have no coroutine (those they need are in :mod:`sipcore.coro` and :mod:`sipcore.location_io`).
 COMPILED: Final = (
-    "auth", "checks", "digest", "errors", "framing", "gateways", "latency", "pipeline", "proxy",
-    "ratelimit", "registrar", "stack", "transaction", "transport_types", "uri",
+    "auth", "checks", "digest", "errors", "framing", "gateways", "latency", "location",
+    "pipeline", "proxy", "ratelimit", "registrar", "stack", "transaction", "transport_types",
+    "uri",
 )
 
 _HERE = Path(__file__).resolve().parent

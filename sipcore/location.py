@@ -65,6 +65,10 @@ Notifications from our own flushes are recognised by the backend pid and skipped
 The listening connection is the process's one :class:`sipcore.pglisten.NotifyHub`, shared
 with the other caches; if it is lost, a new one is opened and everything is reloaded.
 
+This module is compiled with mypyc (:data:`sipcore.COMPILED`), so it defines no coroutine:
+the service's methods that wait return coroutines of :mod:`sipcore.location_io`, which also
+holds the SQL of the flush and of loading.
+
 Events are emitted by the node that made the change: the registrar emits the events of its
 REGISTER after it has answered (:meth:`BindingChange.events`), this service emits those of
 expiry and administrative removal.  A reload caused by another node that changes which contacts
@@ -78,12 +82,13 @@ import heapq
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Final
 
 import asyncpg
 
+from sipcore import location_io
 from sipcore.errors import SipParseError
 from sipcore.headers import split_values
 from sipcore.pglisten import NotifyHub, Subscription
@@ -370,49 +375,6 @@ class _Op:
                 log.exception("event=location_callback_failed aor=%s", self.aor)
 
 
-# All writes of one flush in one statement: one round trip, one implicit transaction.  The
-# pg_notify CTE is only evaluated because the final SELECT reads it.  The batch travels as one
-# JSON document (:meth:`LocationService._flush_json`): as 21 arrays, asyncpg's encoder spent
-# about two isinstance() checks against collections.abc per value, more than the rest of the
-# flush's client side.
-_FLUSH_SQL: Final = """
-WITH ins AS (
-    INSERT INTO location (aor, contact, transport, source_host, source_port, expires_at, q,
-                          call_id, cseq, path, user_agent, instance, reg_id, received_at)
-    SELECT u->>0, u->>1, u->>2, u->>3, (u->>4)::int4, to_timestamp((u->>5)::float8),
-           (u->>6)::float8, u->>7, (u->>8)::int8, u->>9, u->>10, u->>11, (u->>12)::int4,
-           to_timestamp((u->>13)::float8)
-    FROM jsonb_array_elements($1::jsonb->0) AS u
-    ON CONFLICT (aor, contact) DO UPDATE SET
-        transport = EXCLUDED.transport, source_host = EXCLUDED.source_host,
-        source_port = EXCLUDED.source_port, expires_at = EXCLUDED.expires_at, q = EXCLUDED.q,
-        call_id = EXCLUDED.call_id, cseq = EXCLUDED.cseq, path = EXCLUDED.path,
-        user_agent = EXCLUDED.user_agent, instance = EXCLUDED.instance,
-        reg_id = EXCLUDED.reg_id, received_at = EXCLUDED.received_at
-), del AS (
-    DELETE FROM location l USING jsonb_array_elements($1::jsonb->1) AS d
-    WHERE l.aor = d->>0 AND l.contact = d->>1
-), del_all AS (
-    DELETE FROM location WHERE aor IN (SELECT jsonb_array_elements_text($1::jsonb->2))
-), expired AS (
-    DELETE FROM location l USING jsonb_array_elements($1::jsonb->3) AS e
-    WHERE l.aor = e->>0 AND l.contact = e->>1
-      AND l.expires_at <= to_timestamp((e->>2)::float8)
-    RETURNING l.aor, l.contact
-), notified AS (
-    SELECT pg_notify('location_changed', n) FROM jsonb_array_elements_text($1::jsonb->4) AS n
-)
-SELECT aor, contact FROM expired
-UNION ALL
-SELECT NULL, NULL FROM (SELECT count(*) FROM notified) AS forced
-"""
-
-_SELECT_COLUMNS: Final = """
-    aor, contact, transport, source_host, source_port,
-    extract(epoch FROM expires_at)::float8 AS expires_at, q, call_id, cseq, path, user_agent,
-    instance, reg_id, extract(epoch FROM received_at)::float8 AS received_at
-"""
-
 # Strings repeated across many bindings (transport names, user agents) are shared, not copied
 # per binding: the memory target is < 1 KB per binding.
 _SHARED_MAX: Final = 4096
@@ -420,26 +382,15 @@ _SHARED_MAX: Final = 4096
 # edge proxy one address.  Most sources are distinct, so these caches start over when full
 # (their entries are mostly the objects live bindings hold anyway: a full cache costs its dict).
 _SOURCES_MAX: Final = 4096
-#: The one ``q`` float of the bindings without a q-value (nearly all).
+#: The one ``q`` float of the bindings without a q-value (nearly all), when this module runs
+#: as Python; compiled, a float attribute is a C double inside the object.
 _Q_DEFAULT: Final = 1.0
-#: Rows per round trip when loading every binding (start-up, resync).
-_LOAD_CHUNK: Final = 2000
 #: Seconds between the scans that push the heap entries of bindings due within twice this.
 #: A scan looks at every binding (some milliseconds for 100,000); the heap holds the bindings
 #: due within the horizon, 2 * 60 s of the usual 3,600 s registrations.
 _SCAN_INTERVAL: Final = 60.0
 #: Longest ``location_changed`` payload sent (PostgreSQL allows 8,000 bytes).
 _NOTICE_MAX: Final = 7000
-
-
-class _AorLock:
-    """Serialises the updates of one AoR; dropped when nobody holds or waits for it."""
-
-    __slots__ = ("lock", "users")
-
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.users = 0
 
 
 class LocationService:
@@ -489,7 +440,7 @@ class LocationService:
         self._expiry_handle: asyncio.TimerHandle | None = None
         self._expiry_at: float | None = None
         self._inflight: dict[str, asyncio.Future[None]] = {}
-        self._aor_locks: dict[str, _AorLock] = {}
+        self._aor_locks: dict[str, location_io.AorLock] = {}
         self._queue: list[_Op] = []
         self._flush_handle: asyncio.Handle | None = None
         self._flush_task: asyncio.Task[None] | None = None
@@ -555,7 +506,7 @@ class LocationService:
         return aor in self._inflight
 
     # ------------------------------------------------------------------------- writing
-    async def update(self, aor: str, plan: Plan) -> BindingChange:
+    def update(self, aor: str, plan: Plan) -> Coroutine[Any, Any, BindingChange]:
         """Plan a change of ``aor``'s bindings against the current ones and commit it.
 
         ``plan(current)`` runs synchronously once this AoR has no other change in flight; it
@@ -564,30 +515,9 @@ class LocationService:
         installed in memory (None from ``plan`` returns the current bindings unchanged).
         Raises :class:`LocationWriteError` if the write failed; then nothing changed.  The
         caller emits :meth:`BindingChange.events` (after it has answered the REGISTER).
+        Updates of one AoR are planned one at a time, in the order they were called.
         """
-        # One update per AoR at a time, in arrival order: each plan sees the committed result
-        # of the previous one. A FIFO lock wakes one waiter per commit; waiting on the shared
-        # in-flight marker instead woke every queued REGISTER of the AoR on each commit.
-        entry = self._aor_locks.get(aor)
-        if entry is None:
-            if aor not in self._inflight:
-                # Nobody holds, awaits or writes this AoR (most REGISTERs): plan now. The plan
-                # and the queueing of its write run without a pause, and from then on the
-                # write's in-flight marker makes the next update take the lock below and
-                # wait for it, so the lock need not exist until a second update arrives.
-                return await self._update_locked(aor, plan)
-            entry = self._aor_locks[aor] = _AorLock()
-        entry.users += 1
-        try:
-            async with entry.lock:
-                pending = self._inflight.get(aor)
-                if pending is not None:  # an expiry write of this AoR is still in flight
-                    await asyncio.wait((pending,))
-                return await self._update_locked(aor, plan)
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._aor_locks[aor]
+        return location_io.update(self, aor, plan)
 
     def update_soon(self, aor: str, plan: Plan,
                     committed: Committed) -> tuple[BindingChange, bool] | None:
@@ -608,14 +538,18 @@ class LocationService:
             self._enqueue(_Op(aor, change, (), done, None, committed))
         return change, write
 
-    async def _update_locked(self, aor: str, plan: Plan) -> BindingChange:
+    def _plan_and_queue(
+        self, aor: str, plan: Plan
+    ) -> tuple[BindingChange, asyncio.Future[None] | None]:
+        """:meth:`update` once the AoR is free: the change, and the future that its write
+        resolves (None when nothing is to be written)."""
         change, write = self._plan(aor, plan)
-        if write:
-            loop = self._running_loop()
-            waiter: asyncio.Future[None] = loop.create_future()
-            self._enqueue(_Op(aor, change, (), loop.create_future(), waiter))
-            await waiter
-        return change
+        if not write:
+            return change, None
+        loop = self._running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._enqueue(_Op(aor, change, (), loop.create_future(), waiter))
+        return change, waiter
 
     def _plan(self, aor: str, plan: Plan) -> tuple[BindingChange, bool]:
         """``plan`` against the AoR's bindings: the change, and whether it is to be written."""
@@ -630,20 +564,22 @@ class LocationService:
             raise LocationWriteError("location service is closed")
         return change, True
 
-    async def remove(self, aor: str) -> int:
+    def remove(self, aor: str) -> Coroutine[Any, Any, int]:
         """Remove every binding of ``aor`` (``ul.rm``); returns how many were in memory.
 
         Raises :class:`ContactRemoved` for each and deletes all of the AoR's rows, also those
         this node has not loaded.
         """
+        return location_io.remove(self, aor)
 
-        def plan(current: tuple[Binding, ...]) -> BindingChange:
-            return BindingChange((), removed=current, remove_all=True)
+    @staticmethod
+    def _remove_all_plan(current: tuple[Binding, ...]) -> BindingChange:
+        return BindingChange((), removed=current, remove_all=True)
 
-        change = await self.update(aor, plan)
-        for event in change.events(aor, self.bus.listens):
-            self.bus.emit(event)
-        return len(change.removed)
+    def _emit_change(self, aor: str, change: BindingChange) -> None:
+        bus = self.bus
+        for event in change.events(aor, bus.listens):
+            bus.emit(event)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         loop = self._loop
@@ -670,37 +606,23 @@ class LocationService:
     def _start_flush(self) -> None:
         self._flush_handle = None
         if self._flush_task is None and self._queue:
-            self._flush_task = self._running_loop().create_task(self._flush_loop())
+            self._flush_task = self._running_loop().create_task(location_io.flush_loop(self))
 
-    async def _flush_loop(self) -> None:
-        try:
-            while self._queue:
-                batch = self._queue[: self.max_batch]
-                del self._queue[: self.max_batch]
-                await self._write(batch)
-        finally:
-            self._flush_task = None
+    def _take_batch(self) -> list[_Op]:
+        """The next flush's ops, out of the queue (empty when nothing is queued)."""
+        batch = self._queue[: self.max_batch]
+        del self._queue[: self.max_batch]
+        return batch
 
-    async def _write(self, batch: list[_Op]) -> None:
-        document = self._flush_json(batch)
-        try:
-            async with asyncio.timeout(self.write_timeout), self.pool.acquire() as conn:
-                self._own_pids.add(conn.get_server_pid())
-                rows = await conn.fetch(_FLUSH_SQL, document)
-        except BaseException as exc:
-            self.stats["flush_errors"] += 1
-            log.error("event=location_flush_failed ops=%d error=%s", len(batch), type(exc).__name__)
-            self._fail(batch, exc)
-            if not isinstance(exc, Exception):
-                raise  # cancelled: the service is closing
-            return
-        self.stats["flushes"] += 1
-        self.stats["flushed_ops"] += len(batch)
-        deleted = {(r[0], r[1]) for r in rows if r[0] is not None}
-        self._commit(batch, deleted)
+    def _flush_now(self) -> None:
+        """Start the flush a timer is waiting for (closing)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+            self._start_flush()
 
     def _flush_json(self, batch: list[_Op]) -> str:
-        """``batch`` as ``_FLUSH_SQL``'s parameter: ``[upserts, deletes, AoRs to clear,
+        """``batch`` as ``location_io.FLUSH_SQL``'s parameter: ``[upserts, deletes, AoRs to clear,
         expiry deletes, notifications]`` (upserts are :func:`_row_values` rows).  Each op's
         rows are encoded once, for the document and for its notification."""
         upserts: list[str] = []  # each op's rows, encoded, without the outer brackets
@@ -760,6 +682,9 @@ class LocationService:
         return text if len(text.encode()) < _NOTICE_MAX else None
 
     def _commit(self, batch: list[_Op], deleted: set[tuple[str, str]]) -> None:
+        """``batch`` was written; ``deleted`` are the expired rows its DELETE removed."""
+        self.stats["flushes"] += 1
+        self.stats["flushed_ops"] += len(batch)
         # The whole batch is in memory before any caller hears of its change: a callback
         # answers right here (update_soon), and what it triggers may read other AoRs.
         for op in batch:
@@ -776,6 +701,9 @@ class LocationService:
         self._arm_expiry()
 
     def _fail(self, batch: list[_Op], exc: BaseException) -> None:
+        """Writing ``batch`` raised ``exc``: nothing of it was committed."""
+        self.stats["flush_errors"] += 1
+        log.error("event=location_flush_failed ops=%d error=%s", len(batch), type(exc).__name__)
         error = LocationWriteError(f"location write failed: {type(exc).__name__}: {exc}")
         for op in batch:
             if self._inflight.get(op.aor) is op.done:
@@ -852,7 +780,7 @@ class LocationService:
         return source
 
     def binding_from_row(self, row: Any) -> Binding:
-        """A :class:`Binding` from a ``location`` row (``_SELECT_COLUMNS``)."""
+        """A :class:`Binding` from a ``location`` row (``location_io.SELECT_COLUMNS``)."""
         shared = self._shared_str
         path_text: str = row["path"]
         q: float = row["q"]
@@ -951,19 +879,13 @@ class LocationService:
         self._arm_expiry()
 
     # ------------------------------------------------------------------------- start-up
-    async def load(self) -> int:
+    def load(self) -> Coroutine[Any, Any, int]:
         """Load every unexpired binding (start-up); drop rows that expired meanwhile.
 
         Bindings that expired while no node was running are deleted without events.
         Returns the number of bindings loaded.
         """
-        now = self.clock()
-        async with self.pool.acquire() as conn:
-            await conn.execute("DELETE FROM location WHERE expires_at <= to_timestamp($1)", now)
-            grouped = await self._fetch_all(conn, now)
-        self._replace_all(grouped)
-        log.info("event=location_loaded aors=%d bindings=%d", len(self._by_aor), self._count)
-        return self._count
+        return location_io.load(self)
 
     def _announce_reload(
         self, aor: str, before: tuple[Binding, ...], after: tuple[Binding, ...]
@@ -971,32 +893,6 @@ class LocationService:
         """ContactsReloaded when a reload changed the AoR's contacts (not for a refresh)."""
         if {b.contact for b in before} != {b.contact for b in after}:
             self.bus.emit(ContactsReloaded(aor, after))
-
-    async def _fetch_all(self, conn: Any, now: float) -> dict[str, tuple[Binding, ...]]:
-        """Every binding unexpired at ``now``, by AoR, read through a cursor in chunks: a
-        fetch of all rows at once left the records' memory as holes between the bindings
-        (freed, but not returned to the OS), which cost more than the records themselves."""
-        grouped: dict[str, tuple[Binding, ...]] = {}
-        group: list[Binding] = []
-        async with conn.transaction(readonly=True):
-            cursor = conn.cursor(
-                f"SELECT {_SELECT_COLUMNS} FROM location WHERE expires_at > to_timestamp($1) "
-                "ORDER BY aor, received_at",
-                now,
-                prefetch=_LOAD_CHUNK,
-            )
-            async for row in cursor:
-                b = self.binding_from_row(row)
-                if group and b.aor == group[0].aor:
-                    b.aor = group[0].aor  # one string per AoR
-                else:
-                    if group:
-                        grouped[group[0].aor] = tuple(group)
-                        group.clear()
-                group.append(b)
-        if group:
-            grouped[group[0].aor] = tuple(group)
-        return grouped
 
     def _replace_all(
         self, grouped: dict[str, tuple[Binding, ...]], *, announce: bool = False
@@ -1015,14 +911,11 @@ class LocationService:
         self._arm_expiry()
 
     # ------------------------------------------------------------------------- other nodes
-    async def listen(self, hub: NotifyHub | None = None) -> None:
+    def listen(self, hub: NotifyHub | None = None) -> Coroutine[Any, Any, None]:
         """LISTEN on ``location_changed`` (on ``hub``, the process's shared listening
         connection, or one of the service's own) so changes made by other nodes/workers show
         here; after a lost connection, everything is reloaded once a new one listens."""
-        if hub is None:
-            hub = NotifyHub(self.pool, "location", private=True)
-        self._subscription = await hub.subscribe(self.CHANNEL, self._on_notify,
-                                                 restore=self.resync)
+        return location_io.listen(self, hub)
 
     @property
     def listening(self) -> bool:
@@ -1045,7 +938,7 @@ class LocationService:
             self.stats["remote_changes"] += 1
             return
         self._reloads[aor] = False
-        self._spawn(self._reload(aor))
+        self._spawn(location_io.reload(self, aor))
 
     def _apply_delta(self, aor: str, text: str) -> bool:
         """Apply another node's change of ``aor`` (see :meth:`_notice`) in memory: its
@@ -1103,49 +996,20 @@ class LocationService:
         self._arm_expiry()
         return True
 
-    async def _reload(self, aor: str) -> None:
-        """Replace ``aor``'s bindings by what the database holds now (no events)."""
-        try:
-            while True:
-                while (pending := self._inflight.get(aor)) is not None:
-                    await asyncio.wait((pending,))
-                marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._inflight[aor] = marker
-                try:
-                    async with asyncio.timeout(self.write_timeout), self.pool.acquire() as conn:
-                        rows = await conn.fetch(
-                            f"SELECT {_SELECT_COLUMNS} FROM location "
-                            "WHERE aor = $1 AND expires_at > to_timestamp($2) "
-                            "ORDER BY received_at",
-                            aor,
-                            self.clock(),
-                        )
-                    bindings = tuple(self.binding_from_row(r) for r in rows)
-                    for b in bindings:
-                        b.aor = aor
-                    before = self._by_aor.get(aor, ())
-                    self._install(aor, bindings)
-                    self._announce_reload(aor, before, bindings)
-                    self._arm_expiry()
-                    self.stats["reloads"] += 1
-                except Exception as exc:
-                    log.error("event=location_reload_failed aor=%s error=%r", aor, exc)
-                finally:
-                    if self._inflight.get(aor) is marker:
-                        del self._inflight[aor]
-                    marker.set_result(None)
-                if not self._reloads.get(aor):
-                    break
-                self._reloads[aor] = False
-        finally:
-            self._reloads.pop(aor, None)
+    def _reloaded(self, aor: str, rows: list[Any]) -> None:
+        """Install ``rows``, the database's bindings of ``aor`` (a reload)."""
+        bindings = tuple(self.binding_from_row(r) for r in rows)
+        for b in bindings:
+            b.aor = aor
+        before = self._by_aor.get(aor, ())
+        self._install(aor, bindings)
+        self._announce_reload(aor, before, bindings)
+        self._arm_expiry()
+        self.stats["reloads"] += 1
 
-    async def resync(self) -> None:
+    def resync(self) -> Coroutine[Any, Any, None]:
         """Reload every binding from the database (after a lost LISTEN connection)."""
-        async with asyncio.timeout(max(self.write_timeout, 30.0)), self.pool.acquire() as conn:
-            grouped = await self._fetch_all(conn, self.clock())
-        self._replace_all(grouped, announce=True)
-        self.stats["resyncs"] += 1
+        return location_io.resync(self)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -1153,33 +1017,23 @@ class LocationService:
         task.add_done_callback(self._tasks.discard)
 
     # ------------------------------------------------------------------------- shutdown
-    async def close(self) -> None:
+    def close(self) -> Coroutine[Any, Any, None]:
         """Write what is queued, stop the timers and the listener."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-            self._start_flush()
-        while self._flush_task is not None:
-            await asyncio.wait((self._flush_task,))
+        return location_io.close(self)
+
+    def _stop(self) -> None:
+        """Closing, once the queue is written: no more writes, no more expiry."""
         self._closed = True
         if self._expiry_handle is not None:
             self._expiry_handle.cancel()
             self._expiry_handle = self._expiry_at = None
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks))
-        sub, self._subscription = self._subscription, None
-        if sub is not None:
-            await sub.cancel()
-
 
 #: json.dumps with separators builds a new encoder per call.
 _compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
 def _row_values(b: Binding) -> tuple[Any, ...]:
-    """One ``location`` row, in ``_FLUSH_SQL``'s column order."""
+    """One ``location`` row, in ``location_io.FLUSH_SQL``'s column order."""
     source = b.source
     return (
         b.aor,

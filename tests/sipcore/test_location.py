@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import asyncpg
 import pytest
 
+import sipcore
 from sipcore.errors import SipParseError
 from sipcore.location import (
     Binding,
@@ -326,7 +327,8 @@ async def test_restart_shares_repeated_strings_and_sources(
         assert len(plain) == 8
         assert all(b.source is plain[0].source for b in plain)  # one Peer per source
         assert all(b.user_agent is plain[0].user_agent for b in plain)
-        assert all(b.q is plain[0].q for b in plain)  # one float
+        if not sipcore.NATIVE:  # compiled, a float attribute is a C double in the object
+            assert all(b.q is plain[0].q for b in plain)  # one float
         (other,) = second.lookup("sip:2010@example.com")
         assert other.source == natted and other.q == 0.5
         assert other.source.transport is plain[0].source.transport
