@@ -265,7 +265,7 @@ def _quote(value: str) -> str:
 # Client and server views of the two headers.
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class DigestCredentials:
     """One Authorization / Proxy-Authorization value (RFC 3261 §22.4, RFC 7616 §3.4).
 
@@ -275,17 +275,43 @@ class DigestCredentials:
     as sent (names lower-cased, values unquoted), including ones this module ignores.
     """
 
-    username: str
-    realm: str
-    nonce: str
-    uri: str
-    response: str
-    algorithm: str = "MD5"
-    cnonce: str | None = None
-    qop: str | None = None
-    nc: int | None = None
-    opaque: str | None = None
-    params: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    username: Final[str]
+    realm: Final[str]
+    nonce: Final[str]
+    uri: Final[str]
+    response: Final[str]
+    algorithm: Final[str]
+    cnonce: Final[str | None]
+    qop: Final[str | None]
+    nc: Final[int | None]
+    opaque: Final[str | None]
+    params: Mapping[str, str] = field(compare=False, repr=False)
+
+    def __init__(
+        self,
+        username: str,
+        realm: str,
+        nonce: str,
+        uri: str,
+        response: str,
+        algorithm: str = "MD5",
+        cnonce: str | None = None,
+        qop: str | None = None,
+        nc: int | None = None,
+        opaque: str | None = None,
+        params: Mapping[str, str] | None = None,
+    ) -> None:
+        self.username = username
+        self.realm = realm
+        self.nonce = nonce
+        self.uri = uri
+        self.response = response
+        self.algorithm = algorithm
+        self.cnonce = cnonce
+        self.qop = qop
+        self.nc = nc
+        self.opaque = opaque
+        self.params = {} if params is None else params
 
     @property
     def base_algorithm(self) -> str | None:
@@ -355,17 +381,35 @@ def select_credentials(header_values: Iterable[str], realm: str) -> DigestCreden
     return None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class DigestChallenge:
     """One WWW-Authenticate / Proxy-Authenticate value (RFC 7616 §3.3), as a client sees it."""
 
-    realm: str
-    nonce: str
-    algorithm: str = "MD5"
-    qop: tuple[str, ...] = ()
-    opaque: str | None = None
-    stale: bool = False
-    params: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    realm: Final[str]
+    nonce: Final[str]
+    algorithm: Final[str]
+    qop: Final[tuple[str, ...]]
+    opaque: Final[str | None]
+    stale: Final[bool]
+    params: Mapping[str, str] = field(compare=False, repr=False)
+
+    def __init__(
+        self,
+        realm: str,
+        nonce: str,
+        algorithm: str = "MD5",
+        qop: tuple[str, ...] = (),
+        opaque: str | None = None,
+        stale: bool = False,
+        params: Mapping[str, str] | None = None,
+    ) -> None:
+        self.realm = realm
+        self.nonce = nonce
+        self.algorithm = algorithm
+        self.qop = qop
+        self.opaque = opaque
+        self.stale = stale
+        self.params = {} if params is None else params
 
     @property
     def answerable(self) -> bool:
@@ -790,15 +834,27 @@ AuthReason = Literal[
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class AuthResult:
     """What :meth:`DigestVerifier.verify` decided.  ``status`` drives the reply; ``reason``
     is for logs and metrics (a label), never for the client."""
 
-    status: AuthStatus
-    reason: AuthReason
-    username: str
-    algorithm: str
+    status: Final[AuthStatus]
+    reason: Final[AuthReason]
+    username: Final[str]
+    algorithm: Final[str]
+
+    def __init__(
+        self,
+        status: AuthStatus,
+        reason: AuthReason,
+        username: str,
+        algorithm: str,
+    ) -> None:
+        self.status = status
+        self.reason = reason
+        self.username = username
+        self.algorithm = algorithm
 
     @property
     def ok(self) -> bool:

@@ -237,47 +237,67 @@ class Binding:
 # ------------------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class ContactRegistered:
     """A REGISTER bound a contact that was not bound to the AoR before."""
 
-    aor: str
-    binding: Binding
+    aor: Final[str]
+    binding: Final[Binding]
+
+    def __init__(self, aor: str, binding: Binding) -> None:
+        self.aor = aor
+        self.binding = binding
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class ContactRefreshed:
     """A REGISTER renewed (or changed) an existing binding; ``binding`` is the new one."""
 
-    aor: str
-    binding: Binding
+    aor: Final[str]
+    binding: Final[Binding]
+
+    def __init__(self, aor: str, binding: Binding) -> None:
+        self.aor = aor
+        self.binding = binding
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class ContactRemoved:
     """A binding was removed before it expired: Expires 0, ``Contact: *``, or ``remove()``."""
 
-    aor: str
-    binding: Binding
+    aor: Final[str]
+    binding: Final[Binding]
+
+    def __init__(self, aor: str, binding: Binding) -> None:
+        self.aor = aor
+        self.binding = binding
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class ContactExpired:
     """A binding's expiry time passed without a refresh (raised by the node that deleted it)."""
 
-    aor: str
-    binding: Binding
+    aor: Final[str]
+    binding: Final[Binding]
+
+    def __init__(self, aor: str, binding: Binding) -> None:
+        self.aor = aor
+        self.binding = binding
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class ContactsReloaded:
     """Another node (or worker process) changed which contacts the AoR has, seen here by
     reloading it after its ``location_changed`` notification. ``bindings`` are the new set.
     It does not repeat that node's events (msilo must deliver once); it lets state that is
     per node, such as presence subscriptions, follow changes made elsewhere."""
 
-    aor: str
-    bindings: tuple[Binding, ...]
+    aor: Final[str]
+    bindings: Final[tuple[Binding, ...]]
+
+    def __init__(self, aor: str, bindings: tuple[Binding, ...]) -> None:
+        self.aor = aor
+        self.bindings = bindings
 
 
 LocationEvent = (
@@ -289,7 +309,7 @@ class LocationWriteError(Exception):
     """The database did not commit a change; it was not applied (answer 500)."""
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class BindingChange:
     """A planned (then committed) change of one AoR's bindings.
 
@@ -300,10 +320,24 @@ class BindingChange:
     """
 
     bindings: tuple[Binding, ...]
-    added: tuple[Binding, ...] = ()
-    refreshed: tuple[Binding, ...] = ()
-    removed: tuple[Binding, ...] = ()
-    remove_all: bool = False
+    added: tuple[Binding, ...]
+    refreshed: tuple[Binding, ...]
+    removed: tuple[Binding, ...]
+    remove_all: bool
+
+    def __init__(
+        self,
+        bindings: tuple[Binding, ...],
+        added: tuple[Binding, ...] = (),
+        refreshed: tuple[Binding, ...] = (),
+        removed: tuple[Binding, ...] = (),
+        remove_all: bool = False,
+    ) -> None:
+        self.bindings = bindings
+        self.added = added
+        self.refreshed = refreshed
+        self.removed = removed
+        self.remove_all = remove_all
 
     @property
     def changed(self) -> bool:

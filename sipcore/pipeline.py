@@ -32,7 +32,7 @@ import enum
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Generator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,23 +59,39 @@ class Stage(enum.IntEnum):
     RELAY = 7
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class Target:
     """Where the proxy should send one branch (§16.5): a URI and the hop to reach it."""
 
     uri: str                   # the Request-URI of the branch
     dest: Peer                 # the next hop (registered source address, gateway, route)
-    q: float = 1.0
-    path: tuple[str, ...] = ()  # RFC 3327 Path of the binding: pushed as Route headers
-    kind: str = "contact"       # contact | gateway | route
-    gateway: str = ""           # gateway name, for failover and accounting
+    q: float
+    path: tuple[str, ...]       # RFC 3327 Path of the binding: pushed as Route headers
+    kind: str                   # contact | gateway | route
+    gateway: str                # gateway name, for failover and accounting
+
+    def __init__(
+        self,
+        uri: str,
+        dest: Peer,
+        q: float = 1.0,
+        path: tuple[str, ...] = (),
+        kind: str = "contact",
+        gateway: str = "",
+    ) -> None:
+        self.uri = uri
+        self.dest = dest
+        self.q = q
+        self.path = path
+        self.kind = kind
+        self.gateway = gateway
 
 
 Replier = Callable[["RequestContext", int, str | None, Sequence[tuple[str, str]], bytes,
                     str | None], None]
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class RequestContext:
     """One request's walk through the pipeline; modules keep their state in ``attrs``."""
 
@@ -83,19 +99,51 @@ class RequestContext:
     source: Peer
     tx: txn.TxKey
     replier: Replier
-    now: float = 0.0
-    user: str | None = None          # authenticated username (local subscriber)
-    user_domain: str | None = None
-    targets: list[Target] = field(default_factory=list)
-    serial_targets: list[list[Target]] = field(default_factory=list)  # failover groups
-    response_headers: list[tuple[str, str]] = field(default_factory=list)
-    attrs: dict[str, Any] = field(default_factory=dict)
-    replied: bool = False
-    final_status: int = 0
+    now: float
+    user: str | None                 # authenticated username (local subscriber)
+    user_domain: str | None
+    targets: list[Target]
+    serial_targets: list[list[Target]]  # failover groups
+    response_headers: list[tuple[str, str]]
+    attrs: dict[str, Any]
+    replied: bool
+    final_status: int
     #: Answer without keeping the transaction (RFC 3261 §8.2.7; non-INVITE only): set for a
     #: challenge to a request that carried no credentials, whose retransmission may as well
     #: get a fresh challenge, so it does not linger for Timer J (32 s) in memory.
-    stateless: bool = False
+    stateless: bool
+
+    def __init__(
+        self,
+        request: Request,
+        source: Peer,
+        tx: txn.TxKey,
+        replier: Replier,
+        now: float = 0.0,
+        user: str | None = None,
+        user_domain: str | None = None,
+        targets: list[Target] | None = None,
+        serial_targets: list[list[Target]] | None = None,
+        response_headers: list[tuple[str, str]] | None = None,
+        attrs: dict[str, Any] | None = None,
+        replied: bool = False,
+        final_status: int = 0,
+        stateless: bool = False,
+    ) -> None:
+        self.request = request
+        self.source = source
+        self.tx = tx
+        self.replier = replier
+        self.now = now
+        self.user = user
+        self.user_domain = user_domain
+        self.targets = [] if targets is None else targets
+        self.serial_targets = [] if serial_targets is None else serial_targets
+        self.response_headers = [] if response_headers is None else response_headers
+        self.attrs = {} if attrs is None else attrs
+        self.replied = replied
+        self.final_status = final_status
+        self.stateless = stateless
 
     def reply(self, status: int, reason: str | None = None,
               headers: Sequence[tuple[str, str]] = (), body: bytes = b"",
@@ -177,11 +225,16 @@ class Later:
 Handler = Callable[[RequestContext], "bool | Awaitable[bool]"]
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class _Entry:
     handler: Handler
     methods: frozenset[str] | None
     name: str
+
+    def __init__(self, handler: Handler, methods: frozenset[str] | None, name: str) -> None:
+        self.handler = handler
+        self.methods = methods
+        self.name = name
 
 
 class Pipeline:

@@ -46,8 +46,9 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
+from typing import Final
 
 from sipcore import coro, workers
 from sipcore import transaction as txn
@@ -129,51 +130,103 @@ class LocalIdentity:
 # ---------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class Dialog:
-    call_id: str
-    caller_tag: str
-    callee_tag: str
-    caller: Peer           # where requests towards the caller go
-    callee: Peer           # where requests towards the callee go
-    caller_uri: str        # caller's Contact (remote target for requests to the caller)
-    callee_uri: str        # callee's Contact
-    caller_from: str       # From header value of the INVITE (caller identity, with tag)
-    callee_to: str         # To header value of the 2xx (callee identity, with tag)
-    invite_cseq: int
-    created_at: float = field(default_factory=time.time)
+    call_id: Final[str]
+    caller_tag: Final[str]
+    callee_tag: Final[str]
+    caller: Final[Peer]    # where requests towards the caller go
+    callee: Final[Peer]    # where requests towards the callee go
+    caller_uri: Final[str]  # caller's Contact (remote target for requests to the caller)
+    callee_uri: Final[str]  # callee's Contact
+    caller_from: Final[str]  # From header value of the INVITE (caller identity, with tag)
+    callee_to: Final[str]  # To header value of the 2xx (callee identity, with tag)
+    invite_cseq: Final[int]
+    created_at: Final[float]
+
+    def __init__(
+        self,
+        call_id: str,
+        caller_tag: str,
+        callee_tag: str,
+        caller: Peer,
+        callee: Peer,
+        caller_uri: str,
+        callee_uri: str,
+        caller_from: str,
+        callee_to: str,
+        invite_cseq: int,
+        created_at: float | None = None,
+    ) -> None:
+        self.call_id = call_id
+        self.caller_tag = caller_tag
+        self.callee_tag = callee_tag
+        self.caller = caller
+        self.callee = callee
+        self.caller_uri = caller_uri
+        self.callee_uri = callee_uri
+        self.caller_from = caller_from
+        self.callee_to = callee_to
+        self.invite_cseq = invite_cseq
+        self.created_at = time.time() if created_at is None else created_at
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class DialogConfirmed:
-    dialog: Dialog
-    request: Request      # the initial INVITE
-    response: Response    # the 2xx
-    ctx: RequestContext
+    dialog: Final[Dialog]
+    request: Final[Request]  # the initial INVITE
+    response: Final[Response]  # the 2xx
+    ctx: Final[RequestContext]
+
+    def __init__(
+        self,
+        dialog: Dialog,
+        request: Request,
+        response: Response,
+        ctx: RequestContext,
+    ) -> None:
+        self.dialog = dialog
+        self.request = request
+        self.response = response
+        self.ctx = ctx
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class DialogTerminated:
-    dialog: Dialog
-    reason: str           # caller_bye | callee_bye | killed | timeout
-    at: float
+    dialog: Final[Dialog]
+    reason: Final[str]    # caller_bye | callee_bye | killed | timeout
+    at: Final[float]
+
+    def __init__(self, dialog: Dialog, reason: str, at: float) -> None:
+        self.dialog = dialog
+        self.reason = reason
+        self.at = at
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class CallAnswered:
     """A 2xx to an initial INVITE is on its way upstream (fires before DialogConfirmed)."""
 
-    ctx: RequestContext
-    response: Response
+    ctx: Final[RequestContext]
+    response: Final[Response]
+
+    def __init__(self, ctx: RequestContext, response: Response) -> None:
+        self.ctx = ctx
+        self.response = response
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class CallFailed:
     """An initial INVITE got a final non-2xx (or no target at all): missed calls, billing."""
 
-    ctx: RequestContext
-    status: int
-    reason: str           # busy | no_answer | rejected | offline | unknown | cancelled | failed
+    ctx: Final[RequestContext]
+    status: Final[int]
+    reason: Final[str]    # busy | no_answer | rejected | offline | unknown | cancelled | failed
+
+    def __init__(self, ctx: RequestContext, status: int, reason: str) -> None:
+        self.ctx = ctx
+        self.status = status
+        self.reason = reason
 
 
 class DialogTable:
@@ -241,14 +294,30 @@ def new_branch(loop_hash: str = "") -> str:
             f"{workers.branch_suffix()}")
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class Branch:
     target: Target
-    tx: txn.ClientTxKey | None = None
-    status: int = 0            # last status seen (0 none yet)
-    final: bool = False
-    cancelled: bool = False
-    timer_c: asyncio.TimerHandle | None = None
+    tx: txn.ClientTxKey | None
+    status: int                # last status seen (0 none yet)
+    final: bool
+    cancelled: bool
+    timer_c: asyncio.TimerHandle | None
+
+    def __init__(
+        self,
+        target: Target,
+        tx: txn.ClientTxKey | None = None,
+        status: int = 0,
+        final: bool = False,
+        cancelled: bool = False,
+        timer_c: asyncio.TimerHandle | None = None,
+    ) -> None:
+        self.target = target
+        self.tx = tx
+        self.status = status
+        self.final = final
+        self.cancelled = cancelled
+        self.timer_c = timer_c
 
 
 class ResponseContext:

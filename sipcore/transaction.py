@@ -99,7 +99,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple, cast
+from typing import Final, NamedTuple, cast
 
 from sipcore.message import Request, Response, build_request, build_response, parse_message
 from sipcore.transport_types import Peer
@@ -344,24 +344,33 @@ _ABSORBING = frozenset({_COMPLETED, _CONFIRMED})
 # --------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class RequestReceived:
     """A new request opened server transaction ``tx_key``; answer with ``send_response``."""
 
-    tx_key: ServerKey
-    request: Request
-    source: Peer
+    tx_key: Final[ServerKey]
+    request: Final[Request]
+    source: Final[Peer]
+
+    def __init__(self, tx_key: ServerKey, request: Request, source: Peer) -> None:
+        self.tx_key = tx_key
+        self.request = request
+        self.source = source
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class AckReceived:
     """An ACK that belongs to no transaction: the ACK for a 2xx, to be routed end to end."""
 
-    request: Request
-    source: Peer
+    request: Final[Request]
+    source: Final[Peer]
+
+    def __init__(self, request: Request, source: Peer) -> None:
+        self.request = request
+        self.source = source
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class CancelReceived:
     """A CANCEL opened server transaction ``tx_key`` (answer it with ``send_response``).
 
@@ -369,30 +378,51 @@ class CancelReceived:
     there is none (a proxy then forwards the CANCEL statelessly, §16.10).
     """
 
-    tx_key: ServerKey
-    request: Request
-    invite_tx_key: ServerKey | None
-    source: Peer
+    tx_key: Final[ServerKey]
+    request: Final[Request]
+    invite_tx_key: Final[ServerKey | None]
+    source: Final[Peer]
+
+    def __init__(
+        self,
+        tx_key: ServerKey,
+        request: Request,
+        invite_tx_key: ServerKey | None,
+        source: Peer,
+    ) -> None:
+        self.tx_key = tx_key
+        self.request = request
+        self.invite_tx_key = invite_tx_key
+        self.source = source
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class ResponseReceived:
     """A response for client transaction ``tx_key`` that the TU must see."""
 
-    tx_key: ClientTxKey
-    response: Response
-    source: Peer
+    tx_key: Final[ClientTxKey]
+    response: Final[Response]
+    source: Final[Peer]
+
+    def __init__(self, tx_key: ClientTxKey, response: Response, source: Peer) -> None:
+        self.tx_key = tx_key
+        self.response = response
+        self.source = source
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class StrayResponse:
     """A response that matched no client transaction; drop and count it (RFC 6026 §7.2)."""
 
-    response: Response
-    source: Peer
+    response: Final[Response]
+    source: Final[Peer]
+
+    def __init__(self, response: Response, source: Peer) -> None:
+        self.response = response
+        self.source = source
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class TransactionTimedOut:
     """Timer B, F, H (or the CANCEL guard, ``CANCEL_GUARD``) fired; ``timer`` says which.
 
@@ -400,30 +430,44 @@ class TransactionTimedOut:
     server transaction (Timer H) the ACK for its non-2xx final never came.
     """
 
-    tx_key: TxKey
-    timer: str
+    tx_key: Final[TxKey]
+    timer: Final[str]
+
+    def __init__(self, tx_key: TxKey, timer: str) -> None:
+        self.tx_key = tx_key
+        self.timer = timer
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class TransportErrorOccurred:
     """The transport could not deliver for this transaction (§17.1.4, §17.2.4)."""
 
-    tx_key: TxKey
+    tx_key: Final[TxKey]
+
+    def __init__(self, tx_key: TxKey) -> None:
+        self.tx_key = tx_key
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class TransactionTerminated:
     """The transaction is gone; the TU can free whatever it keyed on ``tx_key``."""
 
-    tx_key: TxKey
+    tx_key: Final[TxKey]
+
+    def __init__(self, tx_key: TxKey) -> None:
+        self.tx_key = tx_key
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, unsafe_hash=True, slots=True)
 class Overloaded:
     """The server transaction cap was reached: ``request`` got a stateless 503 (§21.5.4)."""
 
-    request: Request
-    source: Peer
+    request: Final[Request]
+    source: Final[Peer]
+
+    def __init__(self, request: Request, source: Peer) -> None:
+        self.request = request
+        self.source = source
 
 
 Event = (

@@ -9,6 +9,7 @@ host and port.  ``reliable`` tells the transaction layer whether retransmission 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = ["RELIABLE_TRANSPORTS", "Peer"]
 
@@ -16,13 +17,29 @@ __all__ = ["RELIABLE_TRANSPORTS", "Peer"]
 RELIABLE_TRANSPORTS: frozenset[str] = frozenset({"TCP", "TLS", "WS", "WSS", "SCTP"})
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(init=False, eq=False, slots=True)
 class Peer:
     """One end of a SIP hop: transport ("UDP", "TCP", "TLS", "WS"), host and port."""
 
-    transport: str
-    host: str
-    port: int
+    transport: Final[str]
+    host: Final[str]
+    port: Final[int]
+
+    def __init__(self, transport: str, host: str, port: int) -> None:
+        self.transport = transport
+        self.host = host
+        self.port = port
+
+    # By hand, not by the dataclass decorator: a Peer is a dict key on every message, and
+    # the decorator's methods would be Python even where this module is compiled.
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Peer):
+            return NotImplemented
+        return (self.port == other.port and self.host == other.host
+                and self.transport == other.transport)
+
+    def __hash__(self) -> int:
+        return hash((self.transport, self.host, self.port))
 
     @property
     def reliable(self) -> bool:
