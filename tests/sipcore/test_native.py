@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -59,6 +60,31 @@ def test_compiled_modules_have_no_coroutines() -> None:
             if isinstance(node, ast.AsyncFunctionDef | ast.Await | ast.AsyncWith | ast.AsyncFor)
         ]
         assert found == [], f"compiled modules must not define coroutines: {found}"
+
+
+#: Dataclasses of compiled modules built once, not per message: the decorator's __init__ will do.
+_BUILT_ONCE = {"Gateway", "ProxySettings", "TimerSettings", "TransactionStats"}
+
+
+def test_per_message_dataclasses_of_compiled_modules_write_their_own_init() -> None:
+    # The dataclass decorator writes __init__ as Python at import time, also in a compiled
+    # module: each instance built per message would run interpreted code (and eq=False with a
+    # hand-written __eq__/__hash__ keeps a dict key's hash compiled, as Peer does).
+    for name in sipcore.COMPILED:
+        tree = ast.parse((PACKAGE / f"{name}.py").read_text())
+        for node in tree.body:
+            if not isinstance(node, ast.ClassDef) or node.name in _BUILT_ONCE:
+                continue
+            for deco in node.decorator_list:
+                if isinstance(deco, ast.Call) and getattr(deco.func, "id", "") == "dataclass":
+                    options = {k.arg: ast.literal_eval(k.value) for k in deco.keywords}
+                    own_init = any(isinstance(s, ast.FunctionDef) and s.name == "__init__"
+                                   for s in node.body)
+                    assert options.get("init") is False and own_init, f"{name}.{node.name}"
+    if sipcore.NATIVE:
+        from sipcore.transport_types import Peer
+        for method in (Peer.__init__, Peer.__eq__, Peer.__hash__):
+            assert not isinstance(method, types.FunctionType), method
 
 
 def _sections() -> list[type]:
