@@ -81,6 +81,7 @@ import asyncio
 import heapq
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -657,7 +658,7 @@ class LocationService:
 
     def _flush_json(self, batch: list[_Op]) -> str:
         """``batch`` as ``location_io.FLUSH_SQL``'s parameter: ``[upserts, deletes, AoRs to clear,
-        expiry deletes, notifications]`` (upserts are :func:`_row_values` rows).  Each op's
+        expiry deletes, notifications]`` (upserts are :func:`_row_json` rows).  Each op's
         rows are encoded once, for the document and for its notification."""
         upserts: list[str] = []  # each op's rows, encoded, without the outer brackets
         deletes: list[tuple[str, str]] = []
@@ -669,9 +670,10 @@ class LocationService:
             rows = ""
             if change is not None:
                 if change.added or change.refreshed:
-                    rows = _compact_json([*map(_row_values, change.added),
-                                          *map(_row_values, change.refreshed)])
-                    upserts.append(rows[1:-1])
+                    inner = ",".join([*map(_row_json, change.added),
+                                      *map(_row_json, change.refreshed)])
+                    upserts.append(inner)
+                    rows = f"[{inner}]"
                 if change.remove_all:
                     cleared.append(op.aor)
                 else:
@@ -688,7 +690,7 @@ class LocationService:
         time received new, which is most REGISTERs -- the AoR followed by those fields
         (``aor TAB R (TAB contact TAB expires_at TAB cseq TAB received_at)...``), or for any
         other REGISTER change ``aor TAB D TAB [[removed contact, ...], rows]`` with ``rows``
-        the :func:`_row_values` of the bindings written, as JSON (ASCII, no tab), so other
+        the :func:`_row_json` of the bindings written, as JSON (ASCII, no tab), so other
         nodes apply it without a query."""
         change = op.change
         if change is None or op.expired or change.remove_all or "\t" in op.aor:
@@ -1066,22 +1068,29 @@ class LocationService:
 _compact_json: Final = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _row_values(b: Binding) -> tuple[Any, ...]:
-    """One ``location`` row, in ``location_io.FLUSH_SQL``'s column order."""
+#: A str as a JSON string, ASCII only (what JSONEncoder writes by default); C in CPython.
+_json_str: Final = json.encoder.encode_basestring_ascii
+
+
+def _json_float(x: float) -> str:
+    """``x`` as JSONEncoder writes a float."""
+    if math.isfinite(x):
+        return repr(x)
+    return "NaN" if math.isnan(x) else ("Infinity" if x > 0 else "-Infinity")
+
+
+def _row_json(b: Binding) -> str:
+    """One ``location`` row as a compact JSON array, in ``location_io.FLUSH_SQL``'s column
+    order: aor, contact, transport, source host and port, expires_at, q, Call-ID, CSeq, Path,
+    user agent, instance, reg-id, received_at.  Written directly, as ``_compact_json`` would
+    write the tuple of them (its Python layers cost more than the row)."""
     source = b.source
+    s = _json_str
+    instance = b.instance
+    reg_id = b.reg_id
     return (
-        b.aor,
-        b.contact,
-        source.transport,
-        source.host,
-        source.port,
-        b.expires_at,
-        b.q,
-        b.call_id,
-        b.cseq,
-        ", ".join(b.path),
-        b.user_agent,
-        b.instance,
-        b.reg_id,
-        b.received_at,
+        f"[{s(b.aor)},{s(b.contact)},{s(source.transport)},{s(source.host)},{source.port},"
+        f"{_json_float(b.expires_at)},{_json_float(b.q)},{s(b.call_id)},{b.cseq},"
+        f"{s(', '.join(b.path))},{s(b.user_agent)},{'null' if instance is None else s(instance)},"
+        f"{'null' if reg_id is None else reg_id},{_json_float(b.received_at)}]"
     )

@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sipcore
 from sipcore.errors import SipParseError
@@ -22,6 +24,7 @@ from sipcore.location import (
     LocationService,
     LocationWriteError,
     _Op,
+    _row_json,
     aor_of,
 )
 from sipcore.pglisten import NotifyHub
@@ -673,3 +676,27 @@ async def test_update_soon_reports_a_failed_write_and_survives_a_failing_callbac
         assert heard[1] is None and len(service.lookup(aor)) == 1
     finally:
         await service.close()
+
+
+_floats = st.floats(allow_nan=True, allow_infinity=True)
+_ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+
+
+@given(aor=st.text(), contact=st.text(), transport=st.text(), host=st.text(), port=_ints,
+       expires_at=_floats, q=_floats, call_id=st.text(), cseq=_ints,
+       path=st.lists(st.text(), max_size=3), user_agent=st.text(),
+       instance=st.none() | st.text(), reg_id=st.none() | _ints, received_at=_floats)
+def test_a_row_is_the_json_the_encoder_writes(
+    aor: str, contact: str, transport: str, host: str, port: int, expires_at: float, q: float,
+    call_id: str, cseq: int, path: list[str], user_agent: str, instance: str | None,
+    reg_id: int | None, received_at: float,
+) -> None:
+    """The flush writes each row by hand; it must be what json.dumps writes (ASCII only, so a
+    row fits a notification and quotes, controls and non-ASCII text are escaped)."""
+    b = Binding(aor, contact, Peer(transport, host, port), expires_at, q=q, call_id=call_id,
+                cseq=cseq, path=tuple(path), user_agent=user_agent, instance=instance,
+                reg_id=reg_id, received_at=received_at)
+    expected = json.dumps([aor, contact, transport, host, port, expires_at, q, call_id, cseq,
+                           ", ".join(path), user_agent, instance, reg_id, received_at],
+                          separators=(",", ":"))
+    assert _row_json(b) == expected
