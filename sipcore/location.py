@@ -660,13 +660,17 @@ class LocationService:
         """``batch`` as ``location_io.FLUSH_SQL``'s parameter: ``[upserts, deletes, AoRs to clear,
         expiry deletes, notifications]`` (upserts are :func:`_row_json` rows).  Each op's
         rows are encoded once, for the document and for its notification."""
+        # Each part is built as the JSON text of its elements (JSONEncoder's Python layers
+        # cost more than these small arrays).
         upserts: list[str] = []  # each op's rows, encoded, without the outer brackets
-        deletes: list[tuple[str, str]] = []
+        deletes: list[str] = []
         cleared: list[str] = []
-        expired: list[tuple[str, str, float]] = []
+        expired: list[str] = []
         notices: list[str] = []
+        s = _json_str
         for op in batch:
             change = op.change
+            aor = s(op.aor)
             rows = ""
             if change is not None:
                 if change.added or change.refreshed:
@@ -675,14 +679,14 @@ class LocationService:
                     upserts.append(inner)
                     rows = f"[{inner}]"
                 if change.remove_all:
-                    cleared.append(op.aor)
+                    cleared.append(aor)
                 else:
-                    deletes += [(op.aor, b.contact) for b in change.removed]
-            expired += [(op.aor, b.contact, b.expires_at) for b in op.expired]
+                    deletes += [f"[{aor},{s(b.contact)}]" for b in change.removed]
+            expired += [f"[{aor},{s(b.contact)},{_json_float(b.expires_at)}]" for b in op.expired]
             if self.notify:
-                notices.append(self._notice(op, rows or "[]"))
-        rest = _compact_json([deletes, cleared, expired, notices])
-        return f"[[{','.join(upserts)}],{rest[1:]}"
+                notices.append(s(self._notice(op, rows or "[]")))
+        return (f"[[{','.join(upserts)}],[{','.join(deletes)}],[{','.join(cleared)}],"
+                f"[{','.join(expired)}],[{','.join(notices)}]]")
 
     def _notice(self, op: _Op, rows: str) -> str:
         """The ``location_changed`` payload for ``op``: the AoR (other nodes reload it), or

@@ -620,6 +620,29 @@ async def test_a_change_too_big_for_a_notification_names_only_the_aor(
     assert notice(big) == aor
 
 
+async def test_the_flush_document_is_the_json_of_its_parts(location: LocationService) -> None:
+    # [upserts, deletes, AoRs to clear, expiry deletes, notifications], written by hand: it
+    # must read back as the same values json.dumps would write, whatever the text holds.
+    loop = asyncio.get_running_loop()
+    aor, other, third = 'sip:"q"@example.com', "sip:\u00e9t\u00e9@example.com", "sip:t@x"
+    added = binding(aor, 'sip:a@1;x="\\"')
+    gone = binding(aor, "sip:b\t@1")
+    old = binding(third, "sip:c@1")
+    ops = [_Op(aor, BindingChange((added,), added=(added,), removed=(gone,)), (),
+               loop.create_future()),
+           _Op(other, BindingChange((), removed=(old,), remove_all=True), (),
+               loop.create_future()),
+           _Op(third, None, (old,), loop.create_future())]
+    text = location._flush_json(ops)
+    assert text.isascii()
+    upserts, deletes, cleared, expired, notices = json.loads(text)
+    assert [row[:2] for row in upserts] == [[aor, added.contact]]
+    assert deletes == [[aor, gone.contact]]
+    assert cleared == [other]
+    assert expired == [[third, old.contact, old.expires_at]]
+    assert notices[1:] == [other, third] and notices[0].startswith(f"{aor}\tD\t")
+
+
 async def test_update_soon_calls_back_from_the_flush_with_the_batch_installed(
     location: LocationService, db_pool: asyncpg.Pool
 ) -> None:
