@@ -21,8 +21,11 @@ Which modules are compiled, and why not the others:
   or an ``await`` stays Python (``tests/sipcore/test_native.py`` holds the list to that), and
   the few coroutines of the hot modules live in :mod:`sipcore.coro`, those of the location
   service in :mod:`sipcore.location_io`.
-* **Not message.py or headers.py:** the C parser (``_fastparse.c``) builds their classes by
-  filling ``__slots__`` directly, which a compiled class does not have.
+* **message.py and headers.py are compiled, their message classes are not native:** the C
+  parser (``_fastparse.c``) builds ``Request``, ``Response``, ``Via`` and ``NameAddr`` by
+  filling their ``__slots__`` directly, which a native (mypyc) class does not have.  So those
+  classes are marked ``mypyc_attr(native_class=False)``: ordinary Python classes with slots,
+  whose methods are compiled.
 * **Not settings.py:** config sections must keep their full annotations for
   :mod:`sipbill.configschema`; a compiled dataclass keeps only erased ones.
 """
@@ -46,9 +49,9 @@ __all__ = ["COMPILED", "NATIVE", "NATIVE_STATUS"]
 #: What setup.py compiles (it reads this from the source): the request path's modules that
 #: have no coroutine (those they need are in :mod:`sipcore.coro` and :mod:`sipcore.location_io`).
 COMPILED: Final = (
-    "auth", "checks", "digest", "errors", "framing", "gateways", "latency", "location",
-    "pipeline", "proxy", "ratelimit", "registrar", "stack", "transaction", "transport_types",
-    "uri",
+    "auth", "checks", "digest", "errors", "framing", "gateways", "headers", "latency",
+    "location", "message", "pipeline", "proxy", "ratelimit", "registrar", "stack",
+    "transaction", "transport_types", "uri",
 )
 
 _HERE = Path(__file__).resolve().parent

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
+
+from mypy_extensions import mypyc_attr
 
 from sipcore.errors import SipParseError
 from sipcore.uri import (
@@ -415,7 +417,9 @@ def parse_cseq(value: str) -> CSeq:
 # --------------------------------------------------------------------------- Via
 
 
-@dataclass(slots=True)
+# Not native where this module is compiled: _fastparse.c fills its __slots__ (as NameAddr's).
+@mypyc_attr(native_class=False)
+@dataclass(init=False, slots=True)
 class Via:
     """One Via value (RFC 3261 §20.42, §18.2; RFC 3581 rport).
 
@@ -424,9 +428,23 @@ class Via:
 
     transport: str
     host: str
-    port: int | None = None
-    params: dict[str, str | None] = field(default_factory=dict)
-    protocol: str = "SIP/2.0"
+    port: int | None
+    params: dict[str, str | None]
+    protocol: str
+
+    def __init__(
+        self,
+        transport: str,
+        host: str,
+        port: int | None = None,
+        params: dict[str, str | None] | None = None,
+        protocol: str = "SIP/2.0",
+    ) -> None:
+        self.transport = transport
+        self.host = host
+        self.port = port
+        self.params = {} if params is None else params
+        self.protocol = protocol
 
     @property
     def branch(self) -> str | None:
@@ -575,6 +593,7 @@ def _nonempty(part: str) -> bool:
 # --------------------------------------------------------------------------- name-addr
 
 
+@mypyc_attr(native_class=False)
 class NameAddr:
     """name-addr or addr-spec with header parameters (From, To, Contact, Route, ...;
     RFC 3261 §20.10, §20.20, §20.39).

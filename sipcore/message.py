@@ -61,6 +61,8 @@ from itertools import accumulate, repeat
 from operator import add, itemgetter, methodcaller
 from typing import TYPE_CHECKING, Final, cast
 
+from mypy_extensions import mypyc_attr
+
 from sipcore import accel
 from sipcore.errors import SipParseError
 from sipcore.headers import (
@@ -247,6 +249,9 @@ def _is_sip_version(text: str) -> bool:
 # --------------------------------------------------------------------------- messages
 
 
+# Not native classes where this module is compiled: _fastparse.c fills their __slots__ (see
+# sipcore/__init__.py).  Their methods are compiled all the same.
+@mypyc_attr(native_class=False)
 class SipMessage:
     """A parsed SIP message; see the module docstring for what is checked when."""
 
@@ -597,6 +602,7 @@ class SipMessage:
 _EDIT_KEY = itemgetter(0, 1)  # sort edits by span only: equal spans keep their given order
 
 
+@mypyc_attr(native_class=False)
 class Request(SipMessage):
     """A SIP request; ``uri`` is the Request-URI text, ``request_uri`` it parsed (lazily)."""
 
@@ -737,6 +743,7 @@ class Request(SipMessage):
         return self._splice(edits)
 
 
+@mypyc_attr(native_class=False)
 class Response(SipMessage):
     """A SIP response."""
 
@@ -782,7 +789,9 @@ class Response(SipMessage):
 # --------------------------------------------------------------------------- parsing
 
 
-def parse_message(data: bytes, *, stream: bool = False) -> Request | Response:
+def parse_message(
+    data: bytes | bytearray | memoryview, *, stream: bool = False
+) -> Request | Response:
     """Parse one SIP message; raises :class:`SipParseError` and nothing else.
 
     ``stream=False`` (datagram, RFC 3261 §18.3): leading CRLFs are skipped, Content-Length is
