@@ -239,51 +239,36 @@ class Binding:
 
 
 @dataclass(init=False, unsafe_hash=True, slots=True)
-class ContactRegistered:
+class _BindingEvent:
+    """What the events of one binding carry: its AoR and the binding.  Listeners subscribe to
+    the subclasses (:meth:`EventBus.emit` goes by the exact type)."""
+
+    aor: Final[str]
+    binding: Final[Binding]
+
+    def __init__(self, aor: str, binding: Binding) -> None:
+        self.aor = aor
+        self.binding = binding
+
+
+@dataclass(init=False, unsafe_hash=True, slots=True)
+class ContactRegistered(_BindingEvent):
     """A REGISTER bound a contact that was not bound to the AoR before."""
 
-    aor: Final[str]
-    binding: Final[Binding]
-
-    def __init__(self, aor: str, binding: Binding) -> None:
-        self.aor = aor
-        self.binding = binding
-
 
 @dataclass(init=False, unsafe_hash=True, slots=True)
-class ContactRefreshed:
+class ContactRefreshed(_BindingEvent):
     """A REGISTER renewed (or changed) an existing binding; ``binding`` is the new one."""
 
-    aor: Final[str]
-    binding: Final[Binding]
-
-    def __init__(self, aor: str, binding: Binding) -> None:
-        self.aor = aor
-        self.binding = binding
-
 
 @dataclass(init=False, unsafe_hash=True, slots=True)
-class ContactRemoved:
+class ContactRemoved(_BindingEvent):
     """A binding was removed before it expired: Expires 0, ``Contact: *``, or ``remove()``."""
 
-    aor: Final[str]
-    binding: Final[Binding]
-
-    def __init__(self, aor: str, binding: Binding) -> None:
-        self.aor = aor
-        self.binding = binding
-
 
 @dataclass(init=False, unsafe_hash=True, slots=True)
-class ContactExpired:
+class ContactExpired(_BindingEvent):
     """A binding's expiry time passed without a refresh (raised by the node that deleted it)."""
-
-    aor: Final[str]
-    binding: Final[Binding]
-
-    def __init__(self, aor: str, binding: Binding) -> None:
-        self.aor = aor
-        self.binding = binding
 
 
 @dataclass(init=False, unsafe_hash=True, slots=True)
