@@ -135,12 +135,12 @@ class Dialog:
     call_id: Final[str]
     caller_tag: Final[str]
     callee_tag: Final[str]
-    caller: Final[Peer]    # where requests towards the caller go
-    callee: Final[Peer]    # where requests towards the callee go
-    caller_uri: Final[str]  # caller's Contact (remote target for requests to the caller)
-    callee_uri: Final[str]  # callee's Contact
+    caller: Final[Peer]      # where requests towards the caller go
+    callee: Final[Peer]      # where requests towards the callee go
+    caller_uri: Final[str]   # caller's Contact (remote target for requests to the caller)
+    callee_uri: Final[str]   # callee's Contact
     caller_from: Final[str]  # From header value of the INVITE (caller identity, with tag)
-    callee_to: Final[str]  # To header value of the 2xx (callee identity, with tag)
+    callee_to: Final[str]    # To header value of the 2xx (callee identity, with tag)
     invite_cseq: Final[int]
     created_at: Final[float]
 
@@ -174,7 +174,7 @@ class Dialog:
 @dataclass(init=False, unsafe_hash=True, slots=True)
 class DialogConfirmed:
     dialog: Final[Dialog]
-    request: Final[Request]  # the initial INVITE
+    request: Final[Request]    # the initial INVITE
     response: Final[Response]  # the 2xx
     ctx: Final[RequestContext]
 
